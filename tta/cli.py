@@ -1,0 +1,186 @@
+"""The ``tta`` command.
+
+``tta fit|validate|test|predict`` are Lightning's CLI (config files, ``--print_config``); the
+resolved config is stored in every checkpoint and components may be named by their registry
+name (``class_path: vae`` or ``--model vae``). ``tta list``, ``tta data ...`` and ``tta demo``
+are tta's own commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: tta <command> [options]
+
+commands:
+  fit | validate | test | predict   Lightning CLI: tta fit --config configs/demo/vae.yaml
+  list [KIND]                       registered components by kind
+  data {synth,manifest,check}       datasets: synthetic data, manifests from public datasets, checks
+  demo [--out DIR]                  the end-to-end demo on the built-in synthetic data
+
+`tta <command> --help` for the options of a command.
+"""
+
+_COMPONENT_FLAGS = ("--model", "--data")
+
+
+def _resolve_component_arg(value: str) -> str:
+    from tta.registry import resolve
+
+    return resolve(value) if value and "." not in value and not value.startswith(("{", "[")) else value
+
+
+def preprocess_args(argv: list[str]) -> list[str]:
+    """Resolve registry names in config files and in ``--model``/``--data`` values.
+
+    Config files given with ``--config`` are read, their ``class_path`` names resolved, and passed
+    on as YAML text (jsonargparse accepts both).
+    """
+    from tta.registry import resolve_config
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, val = arg.partition("=")
+        if key in ("--config", "-c") or key in _COMPONENT_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    out.append(arg)
+                    break
+                val = argv[i + 1]
+                i += 1
+            if key in _COMPONENT_FLAGS:
+                val = _resolve_component_arg(val)
+            else:
+                path = Path(val)
+                if not path.is_file():
+                    raise FileNotFoundError(f"config file not found: {val}")
+                data = yaml.safe_load(path.read_text())
+                val = yaml.safe_dump(resolve_config(data) if data is not None else {}, sort_keys=False)
+            out.extend([key, val])
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _make_cli_class() -> type:
+    import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.cli import LightningCLI
+
+    from tta.training.callbacks import AtomicCheckpointIO, ConfigInCheckpoint
+
+    class TTACLI(LightningCLI):
+        """LightningCLI with tta's defaults: atomic checkpoints loaded with ``weights_only``,
+        the resolved config stored in every checkpoint, and the rich progress bar."""
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
+            parser = self._parser(self.subcommand)
+            cfg = self.config.get(str(self.subcommand), self.config)
+            callbacks = list(callbacks) + [ConfigInCheckpoint(parser.dump(cfg, skip_none=False))]
+            configured = config.get("callbacks") or []
+            if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(c, ProgressBar) for c in list(configured) + callbacks
+            ):
+                callbacks.append(RichProgressBar())
+            if not config.get("plugins"):
+                config = {**config, "plugins": [AtomicCheckpointIO()]}
+            return super()._instantiate_trainer(config, callbacks)
+
+    return TTACLI
+
+
+def build_cli(argv: list[str], run: bool = True) -> Any:
+    """The Lightning CLI for ``argv`` (``["fit", "--config", ...]``, or no subcommand with
+    ``run=False`` to only instantiate the model, datamodule and trainer)."""
+    import warnings
+
+    import lightning as L
+
+    from tta.registry import load_builtin, load_plugins
+
+    load_builtin()
+    load_plugins()
+    cli_cls = _make_cli_class()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_cls(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=preprocess_args(argv),
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml"},
+        )
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Run ``tta fit|validate|test|predict`` with ``argv`` (including the subcommand)."""
+    build_cli(argv)
+    return 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log tta's messages to stderr (Lightning configures its own loggers)."""
+    logger = logging.getLogger("tta")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+
+
+def list_components(kind: str | None = None) -> int:
+    """Print registered components as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tta.registry import class_path, components
+
+    table = Table(title="tta components")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("class_path")
+    for k, entries in components(kind).items():
+        for name, cls in sorted(entries.items()):
+            table.add_row(k, name, class_path(cls))
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tta`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    setup_logging()
+    cmd, rest = argv[0], argv[1:]
+    if cmd in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
+    if cmd == "list":
+        return list_components(rest[0] if rest else None)
+    if cmd == "data":
+        from tta.data.commands import main as data_main
+
+        return data_main(rest)
+    if cmd == "demo":
+        from tta.demo import main as demo_main
+
+        return demo_main(rest)
+    sys.stderr.write(f"tta: unknown command {cmd!r}\n\n{USAGE}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Audio datamodule: manifest (or the synthetic default) -> (waveform segment, log-mel) batches.
+
+- Splits come from the manifest's ``split`` field.
+- Bad clips are skipped, never zero-filled: headers are checked in ``setup`` and clips that fail
+  to decode later are dropped from their batch; both are counted and logged, and more than
+  ``max_bad_fraction`` of a split being unusable aborts with the offending ids.
+- Mels of whole clips can be cached on disk (``cache_dir``); segments are cropped in the frame
+  domain, so cached and uncached runs see identical data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tta.data.audio import AudioLoadError, load_audio
+from tta.data.manifest import ManifestItem, read_manifest
+from tta.data.mel import MelConfig, MelFrontend
+from tta.data.sampling import EpochSampler, ResumableDataLoader
+from tta.data.synth import ensure_synth
+from tta.registry import register
+from tta.utils.weights import atomic_save, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadClipsError(RuntimeError):
+    """More clips of a split are unusable than the configured threshold allows."""
+
+
+def default_cache_root() -> Path:
+    """``$TTA_CACHE`` or ``~/.cache/tta``: where synthetic data and caches live by default."""
+    return Path(os.environ.get("TTA_CACHE", Path.home() / ".cache" / "tta")).expanduser()
+
+
+@dataclass
+class SynthSpec:
+    """Arguments of the synthetic dataset used when no manifest is given."""
+
+    n: int = 256
+    seed: int = 0
+    duration: float = 4.0
+    zipf: float = 1.0
+    heldout: int = 4
+
+
+class ClipDataset(Dataset):
+    """Clips of a manifest as ``{"id", "wav", "mel", "caption"}``; indexed by (index, seed)."""
+
+    def __init__(
+        self,
+        items: list[ManifestItem],
+        mel: MelConfig,
+        segment_frames: int | None,
+        random_crop: bool,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.items = items
+        self.mel_config = mel
+        self.frontend = MelFrontend.from_config(mel)
+        self.segment_frames = segment_frames
+        self.random_crop = random_crop
+        self.cache_dir = cache_dir
+        self._mel_key = hashlib.sha1(repr(sorted(mel.to_dict().items())).encode()).hexdigest()[:12]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _cache_path(self, item: ManifestItem) -> Path:
+        assert self.cache_dir is not None
+        st = Path(item.audio).stat()
+        key = hashlib.sha1(f"{item.audio}|{st.st_size}|{st.st_mtime_ns}|{self._mel_key}".encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.pt"
+
+    def _full_clip(self, item: ManifestItem) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-clip waveform and log-mel (mel from the cache when enabled)."""
+        wav, _ = load_audio(item.audio, target_sr=self.mel_config.sample_rate)
+        hop = self.mel_config.hop_length
+        wav = wav[: (wav.shape[0] // hop) * hop]
+        if wav.shape[0] == 0:
+            raise AudioLoadError(item.audio, f"shorter than one hop ({hop} samples)")
+        if self.cache_dir is None:
+            return wav, self.frontend(wav)[0]
+        path = self._cache_path(item)
+        if path.is_file():
+            return wav, load_checkpoint(path)
+        mel = self.frontend(wav)[0]
+        atomic_save(mel, path)
+        return wav, mel
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any] | None:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        item = self.items[index]
+        try:
+            wav, mel = self._full_clip(item)
+        except AudioLoadError as exc:
+            log.warning("skipping clip %s: %s", item.id, exc)
+            return None
+        hop = self.mel_config.hop_length
+        frames = mel.shape[-1]
+        if self.segment_frames is not None:
+            seg = self.segment_frames
+            if frames >= seg:
+                start = int(np.random.default_rng(seed).integers(0, frames - seg + 1)) if self.random_crop else 0
+                mel = mel[:, start : start + seg]
+                wav = wav[start * hop : (start + seg) * hop]
+            else:  # a short clip: pad with the log floor / silence to the segment length
+                floor = float(np.log(self.mel_config.log_floor))
+                mel = torch.nn.functional.pad(mel, (0, seg - frames), value=floor)
+                wav = torch.nn.functional.pad(wav, (0, (seg - frames) * hop))
+        caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))] if item.captions else ""
+        return {"id": item.id, "wav": wav, "mel": mel, "caption": caption}
+
+
+def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack clips, dropping the ones that failed to load (counted in ``n_skipped``)."""
+    good = [b for b in batch if b is not None]
+    out: dict[str, Any] = {"n_skipped": len(batch) - len(good), "id": [b["id"] for b in good]}
+    out["caption"] = [b["caption"] for b in good]
+    if good:
+        out["wav"] = torch.stack([b["wav"] for b in good])
+        out["mel"] = torch.stack([b["mel"] for b in good])
+    return out
+
+
+@register("datamodule", "audio")
+class AudioDataModule(L.LightningDataModule):
+    """Clips of a JSONL manifest, or of the synthetic captioned dataset when ``manifest`` is None.
+
+    Args:
+        manifest: path of a JSONL manifest; None builds/reuses the synthetic dataset.
+        mel: mel preset name (see `tta.data.mel.PRESETS`) or a `MelConfig` dict.
+        segment_seconds: training crop length (None = whole clips, batch size 1 recommended).
+        batch_size: per-device batch size.
+        synth: `SynthSpec` fields for the synthetic dataset.
+        data_dir: where the synthetic dataset is written (default ``$TTA_CACHE/synth/...``).
+        cache_dir: enable the on-disk mel cache in this directory.
+        max_bad_fraction: abort when more than this fraction of a split is unusable.
+    """
+
+    def __init__(
+        self,
+        manifest: str | None = None,
+        mel: str | dict[str, Any] = "audioldm",
+        segment_seconds: float | None = 2.0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        synth: SynthSpec | None = None,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        max_bad_fraction: float = 0.01,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.mel_config = MelConfig.preset(mel) if isinstance(mel, str) else MelConfig.from_dict(mel)
+        self.segment_frames = (
+            None if segment_seconds is None else int(round(segment_seconds * self.mel_config.sample_rate)) // self.mel_config.hop_length
+        )
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.synth = synth or SynthSpec()
+        self.data_dir = data_dir
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.max_bad_fraction = max_bad_fraction
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.datasets: dict[str, ClipDataset] = {}
+        self.skipped = {"header": 0, "decode": 0}
+        self._train_loader: ResumableDataLoader | None = None
+
+    # ------------------------------------------------------------------ data
+    def manifest_path(self) -> Path:
+        """The manifest in use, generating the synthetic dataset on first use."""
+        if self.manifest is not None:
+            return Path(self.manifest).expanduser()
+        s = self.synth
+        root = Path(self.data_dir).expanduser() if self.data_dir else default_cache_root() / "synth" / (
+            f"sr{self.mel_config.sample_rate}_n{s.n}_seed{s.seed}_d{s.duration:g}_z{s.zipf:g}_h{s.heldout}"
+        )
+        return ensure_synth(root, n=s.n, seed=s.seed, sample_rate=self.mel_config.sample_rate,
+                            duration=s.duration, zipf=s.zipf, heldout=s.heldout)
+
+    def prepare_data(self) -> None:
+        self.manifest_path()
+
+    def _usable(self, items: list[ManifestItem], split: str) -> list[ManifestItem]:
+        good, bad = [], []
+        for item in items:
+            try:
+                info = sf.info(str(item.audio))
+                ok = info.frames > 0
+            except (RuntimeError, OSError, sf.LibsndfileError) as exc:  # unreadable header / missing file
+                log.warning("clip %s (%s) is unreadable: %s", item.id, item.audio, exc)
+                ok = False
+            (good if ok else bad).append(item)
+        self.skipped["header"] += len(bad)
+        if bad:
+            log.warning("%s split: %d of %d clips unusable and skipped", split, len(bad), len(items))
+        if items and len(bad) / len(items) > self.max_bad_fraction:
+            raise TooManyBadClipsError(
+                f"{len(bad)} of {len(items)} clips of split {split!r} in {self.manifest_path()} are unusable "
+                f"(max_bad_fraction={self.max_bad_fraction}); first: {', '.join(i.id for i in bad[:5])}. "
+                "Run `tta data check` on the manifest."
+            )
+        return good
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        items = read_manifest(self.manifest_path())
+        for role, split in self.splits.items():
+            chosen = [i for i in items if i.split == split]
+            chosen = self._usable(chosen, split)
+            segment = self.segment_frames if role == "train" else self.segment_frames
+            self.datasets[role] = ClipDataset(
+                chosen, self.mel_config, segment, random_crop=(role == "train"), cache_dir=self.cache_dir
+            )
+        if not self.datasets["train"].items and stage in (None, "fit"):
+            raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
+
+    # ----------------------------------------------------------- dataloaders
+    def _loader(self, role: str, shuffle: bool) -> ResumableDataLoader:
+        ds = self.datasets[role]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = EpochSampler(ds, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank,
+                               batch_size=self.batch_size)
+        return ResumableDataLoader(
+            ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_clips,
+            persistent_workers=self.num_workers > 0, drop_last=(role == "train"),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_loader = self._loader("train", shuffle=True)
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        n = batch.get("n_skipped", 0)
+        if n:
+            self.skipped["decode"] += n
+            log.warning("%d clips failed to decode and were skipped (%d so far)", n, self.skipped["decode"])
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch

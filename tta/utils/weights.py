@@ -1,0 +1,87 @@
+"""Safe loading and saving of weights and checkpoints.
+
+Weights load from ``*.safetensors`` or through ``torch.load(weights_only=True)``. A pickle that
+would execute code on load is refused with `UnsafeCheckpointError` naming the file. Saves are
+atomic: written to a temporary file in the target directory, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file is a pickle that cannot be loaded without running arbitrary code."""
+
+
+class WeightMismatchError(RuntimeError):
+    """A state dict does not match the network it is loaded into."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch checkpoint or safetensors file without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it contains pickled objects that could run code when loaded "
+            f"(torch.load weights_only=True rejected it: {str(exc).splitlines()[0]}). "
+            "Convert it to safetensors or a plain state dict in a trusted environment."
+        ) from exc
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_state_dict_strict(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """``module.load_state_dict(state, strict=True)`` with a readable error listing the keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs expected {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
+        raise WeightMismatchError(f"cannot load {source} into {type(module).__name__}: " + " | ".join(parts))
+    module.load_state_dict(state, strict=True)
