@@ -24,7 +24,7 @@ import torch
 from tta.data.audio import save_audio
 from tta.data.datamodule import AudioDataModule
 from tta.metrics.spectral import mel_l1, multi_resolution_stft_distance
-from tta.utils.plots import save_spectrograms
+from tta.utils.plots import safe_name, save_spectrograms
 from tta.vocoders.factory import build_vocoder
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
     for i, clip_id in enumerate(batch["id"]):
         for name, wav in (("input", batch["wav"]), ("vocoder", voc_wav), ("vae_before", before_wav),
                           ("vae_after", after_wav), ("griffinlim", gl_wav)):
-            files.append(str(save_audio(out / "audio" / f"{clip_id}_{name}.wav", wav[i], sr)))
+            files.append(str(save_audio(out / "audio" / f"{safe_name(clip_id)}_{name}.wav", wav[i], sr)))
         files.append(str(save_spectrograms(
-            out / "spectrograms" / f"{clip_id}.png",
+            out / "spectrograms" / f"{safe_name(clip_id)}.png",
             {f"input: {batch['caption'][i]}": batch["mel"][i], "VAE before training": before_mel[i],
              "VAE after training": after_mel[i]},
             module.mel_config,

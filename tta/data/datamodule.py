@@ -225,9 +225,8 @@ class AudioDataModule(L.LightningDataModule):
         for role, split in self.splits.items():
             chosen = [i for i in items if i.split == split]
             chosen = self._usable(chosen, split)
-            segment = self.segment_frames if role == "train" else self.segment_frames
             self.datasets[role] = ClipDataset(
-                chosen, self.mel_config, segment, random_crop=(role == "train"), cache_dir=self.cache_dir
+                chosen, self.mel_config, self.segment_frames, random_crop=(role == "train"), cache_dir=self.cache_dir
             )
         if not self.datasets["train"].items and stage in (None, "fit"):
             raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
@@ -245,6 +244,10 @@ class AudioDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train", shuffle=True)
+        if self.trainer is not None:
+            world, accum = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            log.info("batch size %d per device x %d devices x %d accumulation = global batch %d",
+                     self.batch_size, world, accum, self.batch_size * world * accum)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:

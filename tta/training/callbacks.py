@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tta.registry import register
-from tta.utils.plots import save_spectrograms
+from tta.utils.plots import safe_name, save_spectrograms
 from tta.utils.weights import atomic_save, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,12 @@ class DemoAudioCallback(L.Callback):
                 wavs.setdefault(name, vocoder(mel))
         for name, wav in wavs.items():
             for i, w in enumerate(wav):
-                path = out / f"{batch['id'][i]}_{name}.wav"
+                path = out / f"{safe_name(batch['id'][i])}_{name}.wav"
                 save_audio(path, w, sr)
                 written.append(path)
         if mels:
             for i, item_id in enumerate(batch["id"]):
-                written.append(save_spectrograms(out / f"{item_id}.png", {k: v[i] for k, v in mels.items()},
+                written.append(save_spectrograms(out / f"{safe_name(item_id)}.png", {k: v[i] for k, v in mels.items()},
                                                  pl_module.mel_config))
         log.info("demo outputs for step %d written to %s", step, out)
         return written

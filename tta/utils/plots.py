@@ -9,6 +9,11 @@ import torch
 from tta.data.mel import MelConfig
 
 
+def safe_name(clip_id: str) -> str:
+    """A clip id usable as a file name (ids may contain ``/``, e.g. WavCaps and folder ids)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in clip_id)
+
+
 def save_spectrograms(path: str | Path, mels: dict[str, torch.Tensor], config: MelConfig) -> Path:
     """Plot log-mels ``{title: (n_mels, frames)}`` one above the other with a shared colour scale."""
     import matplotlib
