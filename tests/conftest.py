@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,17 @@ CONFIGS = REPO / "tta" / "configs"
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never write synthetic data or caches into the user's home during tests."""
     monkeypatch.setenv("TTA_CACHE", str(tmp_path_factory.getbasetemp() / "tta_cache"))
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: faster for tiny networks and immune to a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

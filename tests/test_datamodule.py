@@ -24,13 +24,12 @@ SEGMENT_S = 0.25
 SEG = int(round(SEGMENT_S * SR)) // HOP  # 21 frames
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("TTA_CACHE", str(tmp_path / "tta_cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tone(i: int, seconds: float) -> np.ndarray:

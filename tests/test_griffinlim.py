@@ -12,12 +12,7 @@ from tta.vocoders.griffinlim import GriffinLimVocoder
 SMALL = MelConfig(sample_rate=8000, n_fft=256, win_length=256, hop_length=64, n_mels=40, f_max=4000.0, name="small")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _chirp(num_samples: int, sample_rate: int) -> torch.Tensor:

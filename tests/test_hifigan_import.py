@@ -26,13 +26,7 @@ from tta.vocoders.hifigan.importers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small convolutions: one thread is faster and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY_ORIGINAL = {
@@ -211,7 +205,7 @@ def test_universal_hifigan_real_weights_vocode_a_harmonic_signal() -> None:
         out = gen(mel)
         baseline = GriffinLimVocoder("demo")(mel)
     assert out.shape == (1, frames * 256) == baseline.shape
-    hifi_mel, gl_mel = mel_l1(wav, out, frontend).item(), mel_l1(wav, baseline, frontend).item()
+    hifi_mel = mel_l1(wav, out, frontend).item()
     hifi_mr, gl_mr = multi_resolution_stft_distance(wav, out).item(), multi_resolution_stft_distance(wav, baseline).item()
     # measured: HiFi-GAN mel L1 0.33 (Griffin-Lim 0.29); MR-STFT 1.57 (Griffin-Lim 3.67)
     assert hifi_mel < 0.45

@@ -17,13 +17,7 @@ from tta.vocoders.hifigan.losses import (
     generator_adversarial_loss,
 )
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions: one thread is faster and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY = dict(upsample_initial_channel=16, resblock_kernel_sizes=(3, 5), resblock_dilation_sizes=((1, 3), (1, 3)))

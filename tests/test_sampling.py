@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils.data import Dataset
 
 from tta.data.sampling import EpochSampler, ResumableDataLoader
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class KeyDataset(Dataset):

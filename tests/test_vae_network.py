@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,12 @@ from tta.registry import _REGISTRY
 TINY = {"ch": 8, "ch_mult": (1, 2, 4), "num_res_blocks": 1, "z_channels": 4, "embed_dim": 4}
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread() -> Iterator[None]:
-    """Seed, and use one intra-op thread: far faster than two on a shared 2-core box."""
+def _seed() -> None:
     torch.manual_seed(0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- distribution

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+
+from tta.utils.files import atomic_path
 
 PathLike = str | os.PathLike
 
@@ -175,15 +176,6 @@ def save_audio(path: PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int)
     if not np.isfinite(data).all():
         raise ValueError(f"refusing to write non-finite samples to {path}")
     pcm = np.round(np.clip(data, -1.0, 1.0) * 32767.0).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         sf.write(tmp, pcm, int(sample_rate), subtype="PCM_16", format="WAV")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

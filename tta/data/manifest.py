@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tta.utils.files import atomic_path
 
 __all__ = ["ManifestError", "ManifestItem", "filter_split", "read_manifest", "write_manifest", "FIELDS"]
 
@@ -175,17 +176,8 @@ def write_manifest(items: Iterable[ManifestItem], path: str | os.PathLike) -> Pa
             raise ManifestError(path, n, f"duplicate id {item.id!r}", "id")
         seen.add(item.id)
         lines.append(json.dumps(item.to_json(root), ensure_ascii=False) + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.writelines(lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.writelines(lines)
     return path
 
 
