@@ -173,3 +173,27 @@ def test_scale_factor_measured_on_validation(tiny_synth: Path, tmp_path: Path) -
     dm.setup("validate")
     z = torch.cat([module.encode(b["mel"]).mode() for b in list(dm.val_dataloader())[:2]])
     assert float(module.scale_factor) == pytest.approx(1.0 / float(z.std(unbiased=False)), rel=0.05)
+
+
+def test_bf16_mixed_step_keeps_fp32_losses(tiny_synth: Path, tmp_path: Path) -> None:
+    module = tiny_vae()
+    trainer(tmp_path, fast_dev_run=True, precision="bf16-mixed").fit(module, datamodule=tiny_dm(tiny_synth))
+    assert module.batches_trained == 1 and module.nan_skips_total == 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_validate_test_predict_and_demo_callback(tiny_synth: Path, tmp_path: Path) -> None:
+    from tta.training.callbacks import DemoAudioCallback
+
+    module, dm = tiny_vae(), tiny_dm(tiny_synth)
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=1)
+    t.fit(module, datamodule=dm)
+    assert "val/rec_loss" in t.validate(module, datamodule=dm)[0]
+    assert "test/rec_loss" in t.test(module, datamodule=dm)[0]
+    preds = t.predict(module, dataloaders=dm.val_dataloader())
+    assert preds[0]["latent"].shape[1:] == (8, 22, 40)  # 0.5 s = 43 frames -> padded 44, /2; 80 mels /2
+    files = DemoAudioCallback(every_n_steps=1, out_dir=str(tmp_path / "demo"), vocoder="griffinlim").write(
+        t, module, step=1)
+    wavs = [f for f in files if f.suffix == ".wav"]
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert len(wavs) == 4 and len(pngs) == 2 and all(f.stat().st_size > 1000 for f in files)

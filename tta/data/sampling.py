@@ -72,7 +72,8 @@ class ResumableDataLoader(DataLoader):
         self.consumed = 0
 
     def __iter__(self) -> Iterator[Any]:
-        self.consumed = self.sampler.skip_batches  # type: ignore[attr-defined]
+        # Lightning re-creates evaluation/predict loaders with its own sampler: no position then
+        self.consumed = getattr(self.sampler, "skip_batches", 0)
         return super().__iter__()
 
     def mark_consumed(self) -> None:

@@ -26,7 +26,7 @@ def save_spectrograms(path: str | Path, mels: dict[str, torch.Tensor], config: M
     items = [(k, v.detach().float().cpu()) for k, v in mels.items()]
     vmin = min(float(v.min()) for _, v in items)
     vmax = max(float(v.max()) for _, v in items)
-    fig, axes = plt.subplots(len(items), 1, figsize=(8, 2.2 * len(items)), squeeze=False)
+    fig, axes = plt.subplots(len(items), 1, figsize=(8, 2.2 * len(items)), squeeze=False, layout="constrained")
     for ax, (title, mel) in zip(axes[:, 0], items):
         seconds = mel.shape[-1] * config.hop_length / config.sample_rate
         im = ax.imshow(mel.numpy(), origin="lower", aspect="auto", vmin=vmin, vmax=vmax,

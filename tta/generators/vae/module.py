@@ -153,17 +153,28 @@ class VAEModule(TTAModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=False, on_step=True)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, logger=False)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         if "mel" not in batch:
             return
         x, _ = self._to_image(batch["mel"])
         posterior = self.autoencoder.encode(x)
         recon = self.autoencoder.decode(posterior.mode())
         losses = self._losses(x, recon, posterior)
-        self._latent_stats.append(torch.stack([posterior.mode().float().mean(), posterior.mode().float().pow(2).mean()]))
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=True,
-                      batch_size=x.shape[0])
-        self.log("val/rec_loss", losses["rec"], prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        if stage == "val":
+            z = posterior.mode().float()
+            self._latent_stats.append(torch.stack([z.mean(), z.pow(2).mean()]))
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=x.shape[0])
+        self.log(f"{stage}/rec_loss", losses["rec"], prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Scaled latents (``z * scale_factor``, what a diffusion model trains on) per clip."""
+        return {"id": batch["id"], "latent": self.encode(batch["mel"]).mode() * self.scale_factor}
 
     def on_validation_epoch_end(self) -> None:
         if not self._latent_stats:

@@ -103,12 +103,22 @@ class HiFiGANModule(TTAModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, on_step=True)
         self.log("loss", g_loss.detach(), prog_bar=True, on_step=True, logger=False)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         if "mel" not in batch:
             return
         wav_hat = self.generator(batch["mel"])
-        self.log("val/mel_l1", self._mel_l1(batch["wav"], wav_hat), prog_bar=True, sync_dist=True,
+        self.log(f"{stage}/mel_l1", self._mel_l1(batch["wav"], wav_hat), prog_bar=True, sync_dist=True,
                  batch_size=batch["mel"].shape[0])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Vocoded waveforms of the batch's mels."""
+        return {"id": batch["id"], "wav": self.generator(batch["mel"])}
 
     def configure_optimizers(self) -> Any:
         opt_g, sched_g = adamw_with_warmup(self.generator.parameters(), self.lr, self.betas, self.weight_decay,
