@@ -70,3 +70,27 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["mel"] == "demo"
+
+
+def test_load_trained_rebuilds_module_from_checkpoint(tiny_synth: Path, tmp_path: Path) -> None:
+    from tta.training.loading import CheckpointConfigError, load_trained
+
+    args = ["fit", "--config", str(CONFIGS / "demo" / "vae.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+            '"init_args": {"every_n_train_steps": 2, "dirpath": "' + str(tmp_path / "ck") + '"}}]',
+            f"--data.init_args.manifest={tiny_synth}", "--data.init_args.batch_size=2",
+            "--data.init_args.segment_seconds=0.5", "--model.init_args.autoencoder.init_args.ch=8"]
+    assert main(args) == 0
+    path = next((tmp_path / "ck").glob("*.ckpt"))
+    model = load_trained(path)
+    ck = torch.load(path, weights_only=True)
+    assert not model.training and model.batches_trained == 2
+    for k, v in ck["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    ema_model = load_trained(path, use_ema=True)
+    assert ema_model.ema.num_updates == 2
+    del ck["tta"]["config"]
+    torch.save(ck, tmp_path / "noconfig.ckpt")
+    with pytest.raises(CheckpointConfigError, match="not written by `tta fit`"):
+        load_trained(tmp_path / "noconfig.ckpt")

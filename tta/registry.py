@@ -37,6 +37,8 @@ _BUILTIN_MODULES = (
     "tta.vocoders.hifigan.module",
     "tta.vocoders.griffinlim",
     "tta.training.callbacks",
+    "tta.encoders.clap.network",
+    "tta.encoders.clap.module",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

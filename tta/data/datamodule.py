@@ -119,7 +119,7 @@ class ClipDataset(Dataset):
                 mel = torch.nn.functional.pad(mel, (0, seg - frames), value=floor)
                 wav = torch.nn.functional.pad(wav, (0, (seg - frames) * hop))
         caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))] if item.captions else ""
-        return {"id": item.id, "wav": wav, "mel": mel, "caption": caption}
+        return {"id": item.id, "wav": wav, "mel": mel, "caption": caption, "labels": list(item.labels)}
 
 
 def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -127,6 +127,7 @@ def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     good = [b for b in batch if b is not None]
     out: dict[str, Any] = {"n_skipped": len(batch) - len(good), "id": [b["id"] for b in good]}
     out["caption"] = [b["caption"] for b in good]
+    out["labels"] = [b["labels"] for b in good]
     if good:
         out["wav"] = torch.stack([b["wav"] for b in good])
         out["mel"] = torch.stack([b["mel"] for b in good])

@@ -1,0 +1,172 @@
+"""`CLAPModule` (registered ``clap_trainer``): contrastive audio-text pretraining (MS-CLAP 2023).
+
+- symmetric cross-entropy over the audio x text similarity matrix with a learnable temperature;
+  embeddings of all DDP ranks are gathered *with gradients*, so every rank sees the global batch
+  of negatives;
+- Adam + reduce-on-plateau on the validation loss (the paper's optimiser);
+- validation/test: text->audio and audio->text R@1, R@10, mAP@10 over the whole split;
+  test also reports zero-shot classification from class-name prompts (softmax accuracy on
+  single-label clips, sigmoid mAP over all clips).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta.encoders.clap.network import CLAP, clip_loss
+from tta.metrics.retrieval import retrieval_metrics, zero_shot_accuracy, zero_shot_multilabel_map
+from tta.registry import register
+from tta.training.base import TTAModule
+
+log = logging.getLogger(__name__)
+
+
+def label_prompt(label: str, template: str) -> str:
+    """Class-name prompt: ``template.format("dog bark")`` for label ``dog_bark``."""
+    return template.format(label.replace("_", " "))
+
+
+@register("module", "clap_trainer")
+class CLAPModule(TTAModule):
+    """Trains a `CLAP` network on (waveform, caption) batches of an `AudioDataModule`.
+
+    Args:
+        clap: the CLAP network.
+        mel: the datamodule's mel preset; its sample rate must be the audio encoder's.
+        lr: Adam learning rate; ``plateau_patience``/``plateau_factor`` for reduce-on-plateau.
+        zero_shot_template: prompt for zero-shot classification.
+    """
+
+    def __init__(
+        self,
+        clap: CLAP,
+        mel: str | dict[str, Any] = "msclap",
+        lr: float = 1.0e-4,
+        weight_decay: float = 0.0,
+        plateau_patience: int = 10,
+        plateau_factor: float = 0.1,
+        zero_shot_template: str = "this is the sound of {}",
+        ema_decay: float | None = None,
+        grad_clip: float | None = 1.0,
+        nan_max_skips: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
+        self.save_hyperparameters(ignore=["clap"])
+        if clap.sample_rate != self.mel_config.sample_rate:
+            raise ValueError(
+                f"CLAPModule: the audio encoder expects {clap.sample_rate} Hz but mel preset "
+                f"{self.mel_config.name!r} (the datamodule's audio) is {self.mel_config.sample_rate} Hz"
+            )
+        self.clap = clap
+        self.lr, self.weight_decay = lr, weight_decay
+        self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
+        self.zero_shot_template = zero_shot_template
+        self._eval: dict[str, list[Any]] = {}
+
+    def ema_target(self) -> nn.Module:
+        return self.clap
+
+    def _gather(self, x: torch.Tensor, sync_grads: bool) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).reshape(-1, *x.shape[1:])
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, batch: dict[str, Any]) -> None:
+        (opt, _), = self.optimizer_pairs(1)
+        audio, text = self.clap(batch["wav"], batch["caption"])
+        audio, text = self._gather(audio, True), self._gather(text, True)
+        loss = clip_loss(audio, text, self.clap.logit_scale)
+        params = [p for p in self.clap.parameters() if p.requires_grad]
+        if self.guarded_step(loss, opt, params, name="clap"):
+            self.clap.clamp_logit_scale()
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=audio.shape[0])
+        self.log("train/temperature", 1.0 / self.clap.logit_scale.detach().exp(), on_step=True)
+
+    # ------------------------------------------------------------------- eval
+    def _collect(self, batch: dict[str, Any]) -> None:
+        if "wav" not in batch:
+            return
+        audio, text = self.clap(batch["wav"], batch["caption"])
+        store = self._eval
+        store.setdefault("audio", []).append(audio.float())
+        store.setdefault("text", []).append(text.float())
+        store.setdefault("labels", []).extend(batch.get("labels", [[] for _ in batch["caption"]]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def evaluate(self, audio: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+        """Loss and retrieval metrics of paired embeddings (row i of each is one clip)."""
+        n = audio.shape[0]
+        sim = audio @ text.T
+        pairs = [{i} for i in range(n)]
+        out = {"loss": float(clip_loss(audio, text, self.clap.logit_scale))}
+        out.update({f"t2a_{k}": v for k, v in retrieval_metrics(sim.T, pairs).items()})
+        out.update({f"a2t_{k}": v for k, v in retrieval_metrics(sim, pairs).items()})
+        return out
+
+    @torch.no_grad()
+    def zero_shot(self, audio: torch.Tensor, labels: list[list[str]]) -> dict[str, float]:
+        """Zero-shot scores from prompts of the class names present in ``labels``."""
+        classes = sorted({c for ls in labels for c in ls})
+        if not classes:
+            return {}
+        prompts = [label_prompt(c, self.zero_shot_template) for c in classes]
+        class_text = self.clap.embed_text(prompts).float()
+        index = {c: i for i, c in enumerate(classes)}
+        single = [i for i, ls in enumerate(labels) if len(ls) == 1]
+        out = {}
+        if single:
+            targets = torch.tensor([index[labels[i][0]] for i in single], device=audio.device)
+            out["zero_shot_acc"] = zero_shot_accuracy(audio[single], class_text, targets)
+        multi = torch.zeros(len(labels), len(classes), device=audio.device)
+        for i, ls in enumerate(labels):
+            for c in ls:
+                multi[i, index[c]] = 1.0
+        out["zero_shot_mAP"] = zero_shot_multilabel_map(audio, class_text, multi)
+        return out
+
+    def _finish(self, stage: str) -> dict[str, float]:
+        store, self._eval = self._eval, {}
+        if not store:
+            return {}
+        audio = self._gather(torch.cat(store["audio"]), False)
+        text = self._gather(torch.cat(store["text"]), False)
+        metrics = self.evaluate(audio, text)
+        if stage == "test":
+            if self.trainer.world_size > 1:
+                log.warning("zero-shot metrics use rank 0's clips only under DDP")
+            metrics.update(self.zero_shot(torch.cat(store["audio"]), store["labels"]))
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._finish("val")
+        (_, sched), = self.optimizer_pairs(1)
+        if metrics and sched is not None and not self.trainer.sanity_checking:
+            sched.step(metrics["loss"])
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Normalised audio and caption embeddings of a batch (used by ``tta index build``)."""
+        audio, text = self.clap(batch["wav"], batch["caption"])
+        return {"id": batch["id"], "caption": batch["caption"], "audio": audio, "text": text}
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.clap.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}

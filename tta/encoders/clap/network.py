@@ -1,0 +1,94 @@
+"""The CLAP network (MS-CLAP 2023): an audio and a text encoder projected into one joint space.
+
+Pure ``nn.Module``; `tta.encoders.clap.module.CLAPModule` trains it. Embeddings returned by
+`embed_audio` / `embed_text` are L2-normalised, so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta.encoders.base import AudioEncoder, TextEncoder
+from tta.registry import register
+
+
+class Projection(nn.Module):
+    """MS-CLAP's projection head: ``LayerNorm(W1 x + dropout(W2 gelu(W1 x)))``."""
+
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_in, d_out, bias=False)
+        self.linear2 = nn.Linear(d_out, d_out, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear1(x)
+        return self.norm(h + self.drop(self.linear2(F.gelu(h))))
+
+
+def clip_loss(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over the similarity matrix of paired, normalised embeddings.
+
+    Row ``i`` of ``audio`` and ``text`` is a positive pair; every other row is a negative.
+    """
+    if audio.shape != text.shape:
+        raise ValueError(f"clip_loss: audio {tuple(audio.shape)} and text {tuple(text.shape)} differ")
+    logits = logit_scale.exp() * audio.float() @ text.float().T
+    target = torch.arange(audio.shape[0], device=audio.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@register("network", "clap")
+class CLAP(nn.Module):
+    """Audio encoder + text encoder + projections + learnable temperature.
+
+    Args:
+        audio_encoder: any `AudioEncoder` (HTSAT in the paper).
+        text_encoder: any `TextEncoder` (GPT2 in the paper; MiniLM in the demo).
+        joint_dim: width of the joint space (1024 in the paper).
+        temperature: initial temperature (0.07, i.e. logit scale log(1/0.07)).
+        dropout: dropout of the projection heads.
+    """
+
+    def __init__(
+        self,
+        audio_encoder: AudioEncoder,
+        text_encoder: TextEncoder,
+        joint_dim: int = 1024,
+        temperature: float = 0.07,
+        dropout: float = 0.5,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.audio_encoder = audio_encoder
+        self.text_encoder = text_encoder
+        self.audio_projection = Projection(audio_encoder.dim, joint_dim, dropout)
+        self.text_projection = Projection(text_encoder.dim, joint_dim, dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.max_logit_scale = math.log(max_logit_scale)
+        self.joint_dim = joint_dim
+
+    @property
+    def sample_rate(self) -> int:
+        return self.audio_encoder.sample_rate
+
+    def embed_audio(self, wav: torch.Tensor) -> torch.Tensor:
+        """Waveforms ``(B, T)`` at ``sample_rate`` -> normalised joint embeddings ``(B, joint_dim)``."""
+        return F.normalize(self.audio_projection(self.audio_encoder(wav).pooled), dim=-1)
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> normalised joint embeddings ``(B, joint_dim)``."""
+        return F.normalize(self.text_projection(self.text_encoder(texts).pooled), dim=-1)
+
+    def clamp_logit_scale(self) -> None:
+        """Keep ``exp(logit_scale)`` at most ``max_logit_scale`` (as CLIP does after each step)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, self.max_logit_scale)
+
+    def forward(self, wav: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_audio(wav), self.embed_text(texts)

@@ -1,0 +1,58 @@
+"""Rebuild a trained module from its self-describing checkpoint.
+
+Checkpoints written through ``tta fit`` carry the resolved YAML config
+(``checkpoint["tta"]["config"]``); `load_trained` instantiates the ``model`` section with the
+same classes, loads the weights strictly and restores tta's counters and EMA.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import yaml
+
+from tta.registry import load_builtin, load_plugins, resolve_config
+from tta.utils.weights import load_checkpoint, load_state_dict_strict
+
+
+class CheckpointConfigError(KeyError):
+    """The checkpoint does not record the config needed to rebuild its module."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def build_model(model_config: dict[str, Any]) -> L.LightningModule:
+    """Instantiate a ``{"class_path": ..., "init_args": ...}`` model config (names resolved)."""
+    from jsonargparse import ArgumentParser
+
+    load_builtin()
+    load_plugins()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
+    cfg = parser.parse_object({"model": resolve_config(model_config)})
+    return parser.instantiate_classes(cfg).model
+
+
+def load_trained(path: str | os.PathLike, use_ema: bool = False, map_location: str = "cpu") -> L.LightningModule:
+    """The module saved in checkpoint ``path`` in eval mode (EMA weights with ``use_ema``)."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    text = ckpt.get("tta", {}).get("config")
+    if text is None:
+        raise CheckpointConfigError(
+            f"{path} holds no run config (checkpoint['tta']['config']); it was not written by `tta fit`"
+        )
+    config = yaml.safe_load(text)
+    if "model" not in config:
+        raise CheckpointConfigError(f"{path}: the stored config has no 'model' section")
+    model = build_model(config["model"])
+    load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
+    model.on_load_checkpoint(ckpt)
+    if use_ema:
+        ema = getattr(model, "ema", None)
+        if ema is None:
+            raise CheckpointConfigError(f"{path} holds no EMA weights (trained with ema_decay=None)")
+        ema.copy_to(model.ema_target())
+    return model.eval()
