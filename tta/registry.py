@@ -37,6 +37,11 @@ _BUILTIN_MODULES = (
     "tta.vocoders.hifigan.module",
     "tta.vocoders.griffinlim",
     "tta.training.callbacks",
+    "tta.encoders.htsat",
+    "tta.encoders.cnn14",
+    "tta.encoders.audiomae",
+    "tta.encoders.text",
+    "tta.encoders.pretrained",
     "tta.encoders.clap.network",
     "tta.encoders.clap.module",
 )

@@ -37,7 +37,8 @@ class CLAPModule(TTAModule):
     Args:
         clap: the CLAP network.
         mel: the datamodule's mel preset; its sample rate must be the audio encoder's.
-        lr: Adam learning rate; ``plateau_patience``/``plateau_factor`` for reduce-on-plateau.
+        lr: Adam learning rate (paper: 1e-3); reduce-on-plateau by ``plateau_factor`` (0.1) with
+            ``plateau_patience`` (15) validation epochs.
         zero_shot_template: prompt for zero-shot classification.
     """
 
@@ -45,9 +46,9 @@ class CLAPModule(TTAModule):
         self,
         clap: CLAP,
         mel: str | dict[str, Any] = "msclap",
-        lr: float = 1.0e-4,
+        lr: float = 1.0e-3,
         weight_decay: float = 0.0,
-        plateau_patience: int = 10,
+        plateau_patience: int = 15,
         plateau_factor: float = 0.1,
         zero_shot_template: str = "this is the sound of {}",
         ema_decay: float | None = None,

@@ -51,7 +51,8 @@ class CLAP(nn.Module):
         audio_encoder: any `AudioEncoder` (HTSAT in the paper).
         text_encoder: any `TextEncoder` (GPT2 in the paper; MiniLM in the demo).
         joint_dim: width of the joint space (1024 in the paper).
-        temperature: initial temperature (0.07, i.e. logit scale log(1/0.07)).
+        temperature: initial temperature (MS-CLAP 2023: 0.007).
+        max_logit_scale: clamp of ``exp(logit_scale)`` after every step.
         dropout: dropout of the projection heads.
     """
 
@@ -60,9 +61,9 @@ class CLAP(nn.Module):
         audio_encoder: AudioEncoder,
         text_encoder: TextEncoder,
         joint_dim: int = 1024,
-        temperature: float = 0.07,
+        temperature: float = 0.007,
         dropout: float = 0.5,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float = 200.0,
     ) -> None:
         super().__init__()
         self.audio_encoder = audio_encoder

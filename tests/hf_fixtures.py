@@ -1,0 +1,201 @@
+"""Builders of tiny Hugging Face model folders for tests (no network, a few ms each).
+
+Each builder trains a tokenizer with ``tokenizers`` on `CORPUS` (WordPiece for BERT, byte-level
+BPE for GPT2/RoBERTa, Unigram for T5), saves it with ``save_pretrained`` next to a randomly
+initialised tiny network, and returns the folder: ``config.json`` + ``model.safetensors`` +
+``tokenizer.json`` / ``tokenizer_config.json``, the layout the real checkpoints use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CORPUS = [
+    "a dog barks",
+    "a dog is barking loudly",
+    "a car passes by on a wet road",
+    "rain falls on a roof",
+    "birds sing in the morning",
+    "an engine idles then stops",
+    "a siren wails twice in the distance",
+    "people talk while dishes clatter",
+    "a bell rings three times",
+    "wind blows through the trees",
+]
+WIDTH = 32
+
+
+def _fast(tok: Any, **special: str) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+def wordpiece_tokenizer(vocab_size: int = 200) -> Any:
+    """A BERT-style uncased WordPiece tokenizer with ``[CLS] $A [SEP]`` post-processing."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return _fast(tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def bytelevel_bpe_tokenizer(specials: list[str], vocab_size: int = 320) -> Any:
+    """A byte-level BPE tokenizer (GPT2/RoBERTa style); ``specials`` get ids 0, 1, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def unigram_tokenizer(vocab_size: int = 120) -> Any:
+    """A T5-style Unigram tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``$A </s>`` post-processing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return _fast(tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def roberta_tokenizer() -> Any:
+    """RoBERTa-style tokenizer: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4."""
+    from tokenizers import processors
+
+    tok = bytelevel_bpe_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    return _fast(
+        tok,
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+    )
+
+
+def make_gpt2_folder(folder: Path, seed: int = 0) -> Path:
+    """Tiny GPT2 (2 layers, width 32) saved as ``GPT2LMHeadModel``; tokenizer without pad token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _fast(bytelevel_bpe_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=WIDTH, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_bert_folder(folder: Path, family: str = "bert", seed: int = 0) -> Path:
+    """Tiny BERT (WordPiece) or RoBERTa (byte-level BPE) encoder with a pooler, 2 layers, width 32."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    sizes = {"hidden_size": WIDTH, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    torch.manual_seed(seed)
+    if family == "bert":
+        tok = wordpiece_tokenizer()
+        model = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **sizes))
+    elif family == "roberta":
+        tok = roberta_tokenizer()
+        config = RobertaConfig(
+            vocab_size=len(tok), max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2, **sizes
+        )
+        model = RobertaModel(config)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_t5_folder(folder: Path, seed: int = 0) -> Path:
+    """Tiny T5 (gated-GELU like Flan-T5, 2 layers, width 32) saved as ``T5ForConditionalGeneration``."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = unigram_tokenizer()
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_clap_folder(folder: Path, seed: int = 0) -> Path:
+    """Tiny LAION-layout ``ClapModel`` (RoBERTa text tower, HTSAT audio tower) with a RoBERTa tokenizer."""
+    from transformers import ClapConfig, ClapModel
+
+    tok = roberta_tokenizer()
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 66,
+        "projection_dim": 16,
+    }
+    audio = {
+        "hidden_size": 32,
+        "patch_embeds_hidden_size": 8,
+        "depths": [1, 1],
+        "num_attention_heads": [1, 2],
+        "num_hidden_layers": 2,
+        "spec_size": 32,
+        "num_mel_bins": 16,
+        "window_size": 4,
+        "projection_dim": 16,
+        "patch_size": 4,
+        "patch_stride": [4, 4],
+    }
+    torch.manual_seed(seed)
+    model = ClapModel(ClapConfig(text_config=text, audio_config=audio, projection_dim=16))
+    with torch.no_grad():  # non-zero biases, so a missed bias would show
+        for p in model.text_projection.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,215 @@
+"""Import the text tower of a transformers ``ClapModel`` (LAION CLAP) folder.
+
+A LAION CLAP folder in transformers layout holds ``config.json`` (``text_config`` of model type
+``clap_text_model``, a RoBERTa) and ``model.safetensors`` (or shards with an index) with keys
+
+- ``text_model.*``: the RoBERTa text tower, pooler included (CLAP pools with it);
+- ``text_projection.linear1/linear2.*``: ``linear2(act(linear1(pooler_output)))``, ``act`` = ReLU;
+- ``audio_model.*``, ``audio_projection.*``, ``logit_scale_a``, ``logit_scale_t``.
+
+`read_clap_text` returns the text tower as a state dict for a RoBERTa `BertTextEncoder` with
+``pooling="pooler"`` (keys ``model.*``), the projection weights and the temperature. Keys are
+checked strictly against a RoBERTa built from ``text_config``: anything missing or unexpected is
+a `WeightMismatchError`; the only normalisation is dropping the ``position_ids`` /
+``token_type_ids`` buffers that some transformers versions save. `export_clap_text_tower` writes
+the tower as a plain RoBERTa Hugging Face folder (plus the tokenizer and
+``text_projection.safetensors``), loadable with ``BertTextEncoder(out, pooling="pooler")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tta.encoders.text_hf import TOKENIZER_FILES, HFFolderError, is_buffer_drift, read_config
+from tta.utils.weights import WeightMismatchError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+TEXT_PREFIX = "text_model."
+PROJECTION_PREFIX = "text_projection."
+PROJECTION_FILE = "text_projection.safetensors"
+_OTHER_PREFIXES = ("audio_model.", "audio_projection.")
+_OTHER_KEYS = ("logit_scale_a", "logit_scale_t")
+_ROBERTA_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+    "initializer_range", "layer_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+_TOKENIZER_EXTRA = ("tokenizer_config.json", "special_tokens_map.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class ClapTextWeights:
+    """The text half of a LAION CLAP checkpoint.
+
+    Attributes:
+        text_state: state dict of a RoBERTa `BertTextEncoder` with ``pooling="pooler"``
+            (keys ``model.embeddings.*``, ``model.encoder.*``, ``model.pooler.*``).
+        projection: ``linear1.weight`` (P, H), ``linear1.bias``, ``linear2.weight`` (P, P),
+            ``linear2.bias``.
+        projection_act: activation between the two projection layers (``"relu"`` for LAION).
+        roberta_config: keyword arguments of the equivalent ``transformers.RobertaConfig``.
+        logit_scale_t: the text logit scale (log temperature) or None if absent.
+    """
+
+    text_state: dict[str, torch.Tensor]
+    projection: dict[str, torch.Tensor]
+    projection_act: str
+    roberta_config: dict[str, Any]
+    logit_scale_t: torch.Tensor | None
+
+    @property
+    def dim(self) -> int:
+        """Width of the text tower."""
+        return int(self.roberta_config["hidden_size"])
+
+    @property
+    def projection_dim(self) -> int:
+        """Width of the joint embedding space."""
+        return int(self.projection["linear2.weight"].shape[0])
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return dict(load_checkpoint(single))
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise HFFolderError(f"{folder}: no model.safetensors (nor model.safetensors.index.json) in the CLAP folder")
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise TypeError(f"{index}: no 'weight_map' object")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load_checkpoint(folder / shard))
+    return state
+
+
+def _roberta_config(folder: Path) -> tuple[dict[str, Any], str]:
+    config = read_config(folder)
+    if config.get("model_type") != "clap" or not isinstance(config.get("text_config"), dict):
+        raise ValueError(
+            f"{folder / 'config.json'}: not a transformers ClapModel config (model_type {config.get('model_type')!r}, "
+            "expected 'clap' with a 'text_config' object)"
+        )
+    from transformers import ClapTextConfig
+
+    raw = {k: v for k, v in config["text_config"].items() if k != "model_type"}
+    text_config = ClapTextConfig(**raw)  # fills the defaults a saved config omits
+    roberta = {k: getattr(text_config, k) for k in _ROBERTA_KEYS if getattr(text_config, k, None) is not None}
+    act = str(getattr(text_config, "projection_hidden_act", config.get("projection_hidden_act", "relu")))
+    return roberta, act
+
+
+def _expected_text_shapes(roberta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    from transformers import RobertaConfig, RobertaModel
+
+    with torch.device("meta"):
+        model = RobertaModel(RobertaConfig(**roberta), add_pooling_layer=True)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not is_buffer_drift(k)}
+
+
+def _check(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str, source: Path) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [
+        f"{k}: {tuple(got[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
+        raise WeightMismatchError(f"{source}: {what} does not match: " + " | ".join(parts))
+
+
+def read_clap_text(folder: str | os.PathLike) -> ClapTextWeights:
+    """Read the text tower, text projection and text temperature of a transformers ``ClapModel`` folder."""
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise HFFolderError(f"CLAP folder {folder} has no config.json")
+    roberta, act = _roberta_config(folder)
+    state = _load_weights(folder)
+    source = folder / "model.safetensors"
+
+    text = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    text = {k: v for k, v in text.items() if not is_buffer_drift(k)}
+    projection = {k[len(PROJECTION_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTION_PREFIX)}
+    unknown = sorted(
+        k for k in state
+        if not k.startswith((TEXT_PREFIX, PROJECTION_PREFIX, *_OTHER_PREFIXES)) and k not in _OTHER_KEYS
+    )  # fmt: skip
+    if unknown:
+        raise WeightMismatchError(f"{source}: unexpected top-level keys for a ClapModel: {', '.join(unknown[:10])}")
+
+    _check(text, _expected_text_shapes(roberta), "the text tower (text_model.*)", source)
+    hidden = int(roberta["hidden_size"])
+    proj_dim = int(projection["linear2.weight"].shape[0]) if "linear2.weight" in projection else -1
+    expected_proj = {
+        "linear1.weight": (proj_dim, hidden),
+        "linear1.bias": (proj_dim,),
+        "linear2.weight": (proj_dim, proj_dim),
+        "linear2.bias": (proj_dim,),
+    }
+    _check(projection, expected_proj, "the text projection (text_projection.*)", source)
+    log.info("read CLAP text tower from %s: width %d, projection %d", folder, hidden, proj_dim)
+    return ClapTextWeights(
+        text_state={f"model.{k}": v for k, v in text.items()},
+        projection=projection,
+        projection_act=act,
+        roberta_config=roberta,
+        logit_scale_t=state.get("logit_scale_t"),
+    )
+
+
+def export_clap_text_tower(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a CLAP folder's text tower as a RoBERTa Hugging Face folder at ``out``.
+
+    ``out`` gets ``config.json``, ``model.safetensors`` (RoBERTa keys, pooler included), the
+    CLAP folder's tokenizer files and ``text_projection.safetensors`` (the projection weights).
+    The folder is assembled beside ``out`` and renamed into place; an existing non-empty ``out``
+    is refused.
+    """
+    from safetensors.torch import save_file
+    from transformers import RobertaConfig
+
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export target {out} exists and is not empty")
+    tokenizer_files = [n for n in TOKENIZER_FILES + _TOKENIZER_EXTRA if (folder / n).is_file()]
+    if not any(n in TOKENIZER_FILES for n in tokenizer_files):
+        raise HFFolderError(f"CLAP folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    weights = read_clap_text(folder)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        RobertaConfig(**weights.roberta_config).save_pretrained(tmp)
+        tower = {k[len("model.") :]: v.contiguous() for k, v in weights.text_state.items()}
+        save_file(tower, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        projection = {k: v.contiguous() for k, v in weights.projection.items()}
+        save_file(projection, str(tmp / PROJECTION_FILE), metadata={"activation": weights.projection_act})
+        for name in tokenizer_files:
+            shutil.copy2(folder / name, tmp / name)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported the CLAP text tower of %s to %s", folder, out)
+    return out
