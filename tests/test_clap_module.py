@@ -81,3 +81,21 @@ def test_sample_rate_mismatch_is_refused(tmp_path: Path) -> None:
     clap = CLAP(audio, BertTextEncoder(make_bert_folder(tmp_path / "bert"), max_length=16), joint_dim=16)
     with pytest.raises(ValueError, match="expects 22050 Hz but mel preset 'audioldm'"):
         CLAPModule(clap, mel="audioldm")
+
+
+def test_frozen_text_tower_is_cached_and_equal(tmp_path: Path) -> None:
+    audio = HTSAT(dim=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, spec_frames=64,
+                  freq_ratio=4, window_seconds=0.5, mel_preset="demo")
+    text = BertTextEncoder(make_bert_folder(tmp_path / "bert"), max_length=16, trainable=False)
+    clap = CLAP(audio, text, joint_dim=16, dropout=0.0).eval()
+    calls = []
+    original = text.forward
+    text.forward = lambda texts: (calls.append(list(texts)), original(texts))[1]  # type: ignore[method-assign]
+    with torch.no_grad():
+        first = clap.embed_text(["a dog barks", "rain falls", "a dog barks"])
+        second = clap.embed_text(["rain falls", "a bell rings"])
+    assert calls == [["a dog barks", "rain falls"], ["a bell rings"]]
+    torch.testing.assert_close(first[1], second[0])
+    clap.cache_frozen_text = False
+    with torch.no_grad():
+        torch.testing.assert_close(clap.embed_text(["a dog barks"])[0], first[0], atol=1e-5, rtol=1e-4)

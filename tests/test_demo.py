@@ -11,7 +11,7 @@ from tta.cli import main
 
 def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "2", "--clap-steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
     report = json.loads((out / "report.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {"vocoder_only", "vae_vocoder_before_training", "vae_vocoder_after_training", "griffinlim"}
@@ -25,3 +25,8 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     assert len(wavs) == 5 and any(n.endswith("_vae_after.wav") for n in wavs)
     assert len(list((out / "spectrograms").glob("*.png"))) == 1
     assert all(Path(f).is_file() for f in report["files"])
+    clap = report["clap"]
+    assert clap["training"]["steps"] == 2
+    assert 0.0 <= clap["text_to_audio_test"]["R@1"] <= clap["text_to_audio_test"]["R@10"] <= 1.0
+    assert clap["zero_shot_heldout_clips"] > 0 and 0.0 <= clap["zero_shot_heldout_accuracy"] <= 1.0
+    assert len(clap["example_retrievals"]) == 3 and all(len(e["results"]) == 3 for e in clap["example_retrievals"])

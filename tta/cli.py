@@ -22,6 +22,7 @@ commands:
   fit | validate | test | predict   Lightning CLI: tta fit --config configs/demo/vae.yaml
   list [KIND]                       registered components by kind
   data {synth,manifest,check}       datasets: synthetic data, manifests from public datasets, checks
+  index {build,search}              FAISS index of CLAP embeddings; text queries
   demo [--out DIR]                  the end-to-end demo on the built-in synthetic data
 
 `tta <command> --help` for the options of a command.
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         from tta.data.commands import main as data_main
 
         return data_main(rest)
+    if cmd == "index":
+        from tta.retrieval.commands import main as index_main
+
+        return index_main(rest)
     if cmd == "demo":
         from tta.demo import main as demo_main
 

@@ -53,6 +53,8 @@ class CLAP(nn.Module):
         joint_dim: width of the joint space (1024 in the paper).
         temperature: initial temperature (MS-CLAP 2023: 0.007).
         max_logit_scale: clamp of ``exp(logit_scale)`` after every step.
+        cache_frozen_text: memoise the pooled text vectors of a frozen text encoder per caption
+            (captions repeat every epoch; the frozen tower's output cannot change).
         dropout: dropout of the projection heads.
     """
 
@@ -64,6 +66,7 @@ class CLAP(nn.Module):
         temperature: float = 0.007,
         dropout: float = 0.5,
         max_logit_scale: float = 200.0,
+        cache_frozen_text: bool = True,
     ) -> None:
         super().__init__()
         self.audio_encoder = audio_encoder
@@ -73,6 +76,8 @@ class CLAP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.max_logit_scale = math.log(max_logit_scale)
         self.joint_dim = joint_dim
+        self.cache_frozen_text = cache_frozen_text
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
     def sample_rate(self) -> int:
@@ -82,9 +87,19 @@ class CLAP(nn.Module):
         """Waveforms ``(B, T)`` at ``sample_rate`` -> normalised joint embeddings ``(B, joint_dim)``."""
         return F.normalize(self.audio_projection(self.audio_encoder(wav).pooled), dim=-1)
 
+    def _pooled_text(self, texts: list[str]) -> torch.Tensor:
+        if not (self.cache_frozen_text and self.text_encoder.frozen):
+            return self.text_encoder(texts).pooled
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                pooled = self.text_encoder(missing).pooled.detach()
+            self._text_cache.update(zip(missing, pooled))
+        return torch.stack([self._text_cache[t] for t in texts])
+
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """Captions -> normalised joint embeddings ``(B, joint_dim)``."""
-        return F.normalize(self.text_projection(self.text_encoder(texts).pooled), dim=-1)
+        return F.normalize(self.text_projection(self._pooled_text(texts)), dim=-1)
 
     def clamp_logit_scale(self) -> None:
         """Keep ``exp(logit_scale)`` at most ``max_logit_scale`` (as CLIP does after each step)."""
