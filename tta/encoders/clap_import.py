@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tta.encoders.text_hf import TOKENIZER_FILES, HFFolderError, is_buffer_drift, read_config
-from tta.utils.weights import WeightMismatchError, load_checkpoint
+from tta.utils.weights import describe_mismatch, WeightMismatchError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,9 @@ def _check(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], w
         for k in expected
         if k in got and tuple(got[k].shape) != expected[k]
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
-        raise WeightMismatchError(f"{source}: {what} does not match: " + " | ".join(parts))
+    problems = describe_mismatch(missing=missing, unexpected=unexpected, shapes=shapes)
+    if problems:
+        raise WeightMismatchError(f"{source}: {what} does not match: {problems}")
 
 
 def read_clap_text(folder: str | os.PathLike) -> ClapTextWeights:

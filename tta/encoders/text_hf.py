@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tta.utils.weights import WeightMismatchError
+from tta.utils.weights import describe_mismatch, WeightMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,9 @@ def load_model_strict(model_cls: Any, folder: Path, **kwargs: Any) -> torch.nn.M
     missing = sorted(k for k in info.get("missing_keys", ()) if not is_buffer_drift(k))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     errors = list(info.get("error_msgs", ()))
-    if missing or mismatched or errors:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:10])}")
-        if errors:
-            parts.append(f"errors: {'; '.join(errors[:5])}")
-        raise WeightMismatchError(f"cannot load {folder} into {type(model).__name__}: " + " | ".join(parts))
+    problems = describe_mismatch(missing=missing, shapes=mismatched, errors=errors)
+    if problems:
+        raise WeightMismatchError(f"cannot load {folder} into {type(model).__name__}: {problems}")
     unexpected = sorted(info.get("unexpected_keys", ()))
     if unexpected:
         log.info(

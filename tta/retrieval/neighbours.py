@@ -1,43 +1,157 @@
 """Neighbour tables: the top-k datastore neighbours of every training clip, precomputed.
 
-Re-AudioLDM conditions each training clip on the pairs retrieved for its caption; the clip
-itself (and any duplicate of it, e.g. the same audio under another id) must not be among them.
+Re-AudioLDM conditions each training clip on the pairs retrieved for it; the clip itself and
+its duplicates (the same audio under another id) must never be among them, or the model learns
+to copy its target. `build_neighbour_table` searches an `EmbeddingIndex` with those ids excluded
+(the list refilled to ``k``) and returns a `NeighbourTable`, a read-only mapping
+``{clip id: [(neighbour id, score), ...]}`` backed by arrays. It is saved next to the index as
+``neighbours.npz``: ``query_ids`` (Q,), ``ids`` (the index's ids), ``positions`` (Q, k) int64
+into ``ids`` (-1 = no neighbour), ``scores`` (Q, k) float32 and a JSON ``meta`` (k, embedding
+model hash, index size).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tta.retrieval.index import EmbeddingIndex
+from tta.retrieval.index import HASH_KEY, EmbeddingIndex, IndexMismatchError
 from tta.utils.files import atomic_path
 
-TABLE_FILE = "neighbours.json"
+__all__ = ["TABLE_FILE", "NeighbourTable", "build_neighbour_table", "duplicate_closure", "load_neighbour_table",
+           "save_neighbour_table"]
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "neighbours.npz"
+FORMAT = "tta-neighbours/1"
 
 
-def build_neighbour_table(index: EmbeddingIndex, query_vectors: np.ndarray, query_ids: list[str], k: int = 50,
-                          duplicate_groups: dict[str, set[str]] | None = None) -> dict[str, list[tuple[str, float]]]:
-    """``{clip id: [(neighbour id, score), ...]}`` with each clip and its duplicates excluded."""
+class NeighbourTable(Mapping[str, list[tuple[str, float]]]):
+    """Top-k neighbours (id, score), best first, of each query clip; arrays underneath."""
+
+    def __init__(self, query_ids: Sequence[str], ids: Sequence[str], positions: np.ndarray, scores: np.ndarray,
+                 meta: dict[str, Any]) -> None:
+        if positions.shape != scores.shape or positions.shape[0] != len(query_ids):
+            raise ValueError(f"neighbour table shapes disagree: {len(query_ids)} queries, positions "
+                             f"{positions.shape}, scores {scores.shape}")
+        self.query_ids, self.ids = list(query_ids), list(ids)
+        self.positions, self.scores, self.meta = positions, scores, meta
+        self._row = {q: i for i, q in enumerate(self.query_ids)}
+
+    @property
+    def k(self) -> int:
+        """Neighbours kept per clip."""
+        return int(self.positions.shape[1])
+
+    def __getitem__(self, query_id: str) -> list[tuple[str, float]]:
+        row = self._row[query_id]
+        return [(self.ids[p], float(s)) for p, s in zip(self.positions[row], self.scores[row]) if p >= 0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.query_ids)
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``neighbours.npz`` into ``directory`` (atomically)."""
+        path = Path(directory) / TABLE_FILE
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, query_ids=np.array(self.query_ids, dtype=str), ids=np.array(self.ids, dtype=str),
+                     positions=self.positions.astype(np.int64), scores=self.scores.astype(np.float32),
+                     meta=np.array(json.dumps(dict(self.meta, format=FORMAT))))
+        log.info("saved neighbour table (%d clips x %d) to %s", len(self), self.k, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expect_model_hash: str | None = None) -> NeighbourTable:
+        """Read ``neighbours.npz`` from ``directory``; check the embedding model hash when given."""
+        path = Path(directory) / TABLE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no neighbour table in {directory} ({TABLE_FILE}); run `tta index build`")
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; rebuild the table")
+            if expect_model_hash is not None and meta.get(HASH_KEY) != expect_model_hash:
+                raise IndexMismatchError(f"neighbour table {path} was built with embedding model "
+                                         f"{meta.get(HASH_KEY)!r}, not the expected {expect_model_hash!r}")
+            return cls(data["query_ids"].tolist(), data["ids"].tolist(), data["positions"], data["scores"], meta)
+
+
+def duplicate_closure(groups: Mapping[str, set[str]] | None) -> dict[str, set[str]]:
+    """Every id named in ``groups`` -> all ids of its duplicate group (transitive and symmetric)."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for key, dups in (groups or {}).items():
+        for other in dups:
+            parent[root(other)] = root(key)
+        root(key)
+    members: dict[str, set[str]] = {}
+    for x in parent:
+        members.setdefault(root(x), set()).add(x)
+    return {x: members[root(x)] for x in parent}
+
+
+def build_neighbour_table(index: EmbeddingIndex, query_vectors: Any, query_ids: Sequence[str], k: int = 50,
+                          duplicate_groups: Mapping[str, set[str]] | None = None,
+                          batch_size: int = 4096) -> NeighbourTable:
+    """Top-``k`` neighbours of each query clip, the clip and its duplicates excluded.
+
+    ``duplicate_groups`` maps an id to ids holding the same audio; groups are closed
+    transitively and symmetrically (``{a: {b}, c: {a}}`` makes ``a, b, c`` one group).
+    Rows with fewer than ``k`` eligible neighbours are padded (-1 positions, ``-inf`` scores).
+    """
+    query_ids = list(query_ids)
     if len(query_ids) != len(query_vectors):
-        raise ValueError(f"{len(query_vectors)} query vectors for {len(query_ids)} ids")
-    groups = duplicate_groups or {}
-    exclude = [{i} | groups.get(i, set()) for i in query_ids]
-    ids, scores = index.search(query_vectors, k, exclude=exclude)
-    return {q: [(n, float(s)) for n, s in zip(row, srow)] for q, row, srow in zip(query_ids, ids, scores)}
+        raise ValueError(f"{len(query_vectors)} query vectors for {len(query_ids)} query ids")
+    if k >= len(index):
+        log.warning("k=%d >= the %d indexed clips: some rows will be shorter than k", k, len(index))
+    closure = duplicate_closure(duplicate_groups)
+    positions = np.full((len(query_ids), k), -1, dtype=np.int64)
+    scores = np.full((len(query_ids), k), -np.inf, dtype=np.float32)
+    for lo in range(0, len(query_ids), batch_size):
+        chunk = query_ids[lo : lo + batch_size]
+        exclude = [closure.get(q, set()) | {q} for q in chunk]
+        found, found_scores = index.search(query_vectors[lo : lo + batch_size], k, exclude=exclude)
+        for row, hits in enumerate(found):
+            positions[lo + row, : len(hits)] = [index.position(h) for h in hits]
+        scores[lo : lo + len(chunk)] = found_scores
+    meta = {"k": k, HASH_KEY: index.model_hash, "index_count": len(index), "duplicate_ids": len(closure)}
+    return NeighbourTable(query_ids, index.ids, positions, scores, meta)
 
 
-def save_neighbour_table(table: dict[str, list[tuple[str, float]]], directory: str | os.PathLike) -> Path:
-    path = Path(directory) / TABLE_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({q: [[n, s] for n, s in row] for q, row in table.items()}, ensure_ascii=False))
-    return path
+def save_neighbour_table(table: NeighbourTable | Mapping[str, list[tuple[str, float]]],
+                         directory: str | os.PathLike) -> Path:
+    """Save a `NeighbourTable` (or a plain ``{id: [(id, score), ...]}`` mapping) as ``neighbours.npz``."""
+    if not isinstance(table, NeighbourTable):
+        ids = sorted({n for row in table.values() for n, _ in row})
+        where = {x: i for i, x in enumerate(ids)}
+        k = max((len(row) for row in table.values()), default=0)
+        positions = np.full((len(table), k), -1, dtype=np.int64)
+        scores = np.full((len(table), k), -np.inf, dtype=np.float32)
+        for r, row in enumerate(table.values()):
+            positions[r, : len(row)] = [where[n] for n, _ in row]
+            scores[r, : len(row)] = [s for _, s in row]
+        table = NeighbourTable(list(table), ids, positions, scores, {"k": k})
+    return table.save(directory)
 
 
-def load_neighbour_table(directory: str | os.PathLike) -> dict[str, list[tuple[str, float]]]:
-    path = Path(directory) / TABLE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no neighbour table in {directory} ({TABLE_FILE}); run `tta index build`")
-    return {q: [(n, float(s)) for n, s in row] for q, row in json.loads(path.read_text()).items()}
+def load_neighbour_table(directory: str | os.PathLike,
+                         expect_model_hash: str | None = None) -> dict[str, list[tuple[str, float]]]:
+    """``{clip id: [(neighbour id, score), ...]}`` read from ``directory/neighbours.npz``."""
+    return dict(NeighbourTable.load(directory, expect_model_hash=expect_model_hash).items())

@@ -68,13 +68,19 @@ def load_state_dict_strict(
         for k in own
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
-        raise WeightMismatchError(f"cannot load {source} into {type(module).__name__}: " + " | ".join(parts))
+    problems = describe_mismatch(missing=missing, unexpected=unexpected, shapes=shapes)
+    if problems:
+        raise WeightMismatchError(f"cannot load {source} into {type(module).__name__}: {problems}")
     module.load_state_dict(state, strict=True)
+
+
+def describe_mismatch(missing: list[str] = (), unexpected: list[str] = (), shapes: list[str] = (),
+                      errors: list[str] = ()) -> str:
+    """One readable line listing (the first few) missing/unexpected keys, shape mismatches and
+    errors; empty when there is nothing to report."""
+    parts = []
+    for label, items, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                              ("shape mismatches", shapes, "; "), ("errors", errors, "; ")):
+        if items:
+            parts.append(f"{label} ({len(items)}): {sep.join(list(items)[:10])}")
+    return " | ".join(parts)
