@@ -25,7 +25,7 @@ import torch
 
 from tta.data.audio import save_audio
 from tta.data.datamodule import AudioDataModule
-from tta.demo_clap import run_clap_stage
+from tta.demo_clap import instantiate_config, run_clap_stage
 from tta.metrics.spectral import mel_l1, multi_resolution_stft_distance
 from tta.utils.plots import safe_name, save_spectrograms
 from tta.vocoders.factory import build_vocoder
@@ -75,20 +75,11 @@ def _eval_batch(datamodule: AudioDataModule, n_clips: int) -> dict[str, Any]:
 def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Path | None = None,
              clap_steps: int | None = None) -> dict[str, Any]:
     """Run the demo and return the report (also written to ``out/report.json``)."""
-    from tta.cli import build_cli
-
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     vocoder = build_vocoder("universal", _demo_mel())
     griffinlim = build_vocoder("griffinlim", _demo_mel())
-    argv = ["--config", str(demo_config_path("vae")), f"--trainer.default_root_dir={out / 'train'}",
-            "--trainer.enable_model_summary=false"]
-    if steps is not None:
-        argv.append(f"--trainer.max_steps={steps}")
-    if data_dir is not None:
-        argv.append(f"--data.init_args.data_dir={data_dir}")
-    cli = build_cli(argv, run=False)
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    module, datamodule, trainer = instantiate_config(demo_config_path("vae"), out / "train", steps, data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = _eval_batch(datamodule, n_clips)

@@ -20,20 +20,25 @@ from tta.retrieval.embed import embed_items
 log = logging.getLogger(__name__)
 
 
-def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: Path | None = None,
-                   n_examples: int = 3) -> dict[str, Any]:
-    """Train the demo CLAP, build its index under ``out/index`` and return the report section."""
+def instantiate_config(config: Path, root: Path, steps: int | None, data_dir: Path | None) -> tuple[Any, Any, Any]:
+    """(module, datamodule, trainer) of a demo config through the `tta fit` code path."""
     from tta.cli import build_cli
-    from tta.retrieval.index import IndexSpec, build_index
 
-    argv = ["--config", str(config), f"--trainer.default_root_dir={out / 'train_clap'}",
-            "--trainer.enable_model_summary=false"]
+    argv = ["--config", str(config), f"--trainer.default_root_dir={root}", "--trainer.enable_model_summary=false"]
     if steps is not None:
         argv.append(f"--trainer.max_steps={steps}")
     if data_dir is not None:
         argv.append(f"--data.init_args.data_dir={data_dir}")
     cli = build_cli(argv, run=False)
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    return cli.model, cli.datamodule, cli.trainer
+
+
+def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: Path | None = None,
+                   n_examples: int = 3) -> dict[str, Any]:
+    """Train the demo CLAP, build its index under ``out/index`` and return the report section."""
+    from tta.retrieval.index import IndexSpec, build_index
+
+    module, datamodule, trainer = instantiate_config(config, out / "train_clap", steps, data_dir)
     log.info("training the demo CLAP for %s steps", trainer.max_steps)
     t0 = time.time()
     trainer.fit(module, datamodule=datamodule)
