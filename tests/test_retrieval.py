@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tta.retrieval.index import EmbeddingIndex, IndexMismatchError, IndexSpec, Retriever, auto_nlist, build_index
+from tta.retrieval.index import (
+    EmbeddingIndex,
+    IndexMismatchError,
+    IndexSpec,
+    Retriever,
+    auto_nlist,
+    build_index,
+)
 from tta.retrieval.neighbours import (
     NeighbourTable,
     build_neighbour_table,
@@ -70,6 +77,22 @@ def test_exclusion_removes_ids_and_refills_to_k(flat: EmbeddingIndex) -> None:
     assert np.isfinite(scores).all()
 
 
+def test_ivf_scores_are_inner_products_for_any_query_norm() -> None:
+    """IVF indexes rank by L2 internally; the scores they return are still exact inner products."""
+    index = build_index(X, IDS, IndexSpec(type="ivf", nlist=16, nprobe=16), meta=META)  # every list: exact
+    q = Q[:5] * np.array([[0.5], [1.0], [2.0], [3.0], [1.0]], dtype=np.float32)
+    ids, scores = index.search(q, 10)
+    assert ids == [[IDS[j] for j in row] for row in exact_topk(X, q, 10)]
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ X.T, exact_topk(X, q, 10), 1), atol=1e-4)
+
+
+def test_slightly_unnormalised_store_is_renormalised() -> None:
+    """bf16 encoders leave norms off by ~1e-3: indexed as unit vectors, ranked like the exact cosine."""
+    x = X * np.random.default_rng(3).uniform(0.995, 1.005, (len(X), 1)).astype(np.float32)
+    ids, _ = build_index(x, IDS, IndexSpec(type="ivf", nlist=16, nprobe=16), meta=META).search(Q, 10)
+    assert ids == [[IDS[j] for j in row] for row in exact_topk(X, Q, 10)]
+
+
 def test_rows_shorter_than_k_are_padded_with_minus_inf() -> None:
     index = build_index(X, IDS, IndexSpec(type="ivf", nlist=32, nprobe=1), meta=META)
     ids, scores = index.search(Q[:3], k=1000)  # one probed list holds far fewer than 1000 clips
@@ -97,8 +120,8 @@ def test_sharded_ivf_shares_its_coarse_quantizer() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    [IndexSpec(type="ivfpq", nbits=6, rerank=True), IndexSpec(type="ivfsq8"), IndexSpec(type="hnsw"), IndexSpec()],
-    ids=["ivfpq+rerank", "ivfsq8", "hnsw", "default-ivfrabitq"],
+    [IndexSpec(), IndexSpec(type="ivfrabitq"), IndexSpec(type="ivfpq", nbits=6, rerank=True), IndexSpec(type="hnsw")],
+    ids=["default-ivfsq8", "ivfrabitq", "ivfpq+rerank", "hnsw"],
 )
 def test_approximate_recall_at_10_and_mmap_round_trip(spec: IndexSpec, tmp_path: Path) -> None:
     index = build_index(X, IDS, spec, meta=META, shards=2)
@@ -134,13 +157,14 @@ def test_calibration_picks_the_smallest_nprobe_reaching_the_target() -> None:
 
 
 def test_calibration_stops_at_a_plateau_of_coarse_codes(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tta.retrieval.index"):
+    with caplog.at_level(logging.WARNING, logger="tta.retrieval.neighbours"):
         index = build_index(X, IDS, IndexSpec(type="ivfpq", m=2, nbits=4, nlist=64), meta=META)
     assert "plateaus" in caplog.text and "too coarse" in caplog.text
     assert index.spec.nprobe < 64 and index.meta["calibration"]["recall_at_10"] < 0.95
 
 
-def test_build_is_deterministic() -> None:
+def test_default_is_ivfsq8_and_build_is_deterministic() -> None:
+    assert (IndexSpec().type, IndexSpec().resolved(len(X), DIM).nbits) == ("ivfsq", 8)
     a = build_index(X, IDS, IndexSpec(), meta=META)
     b = build_index(X, IDS, IndexSpec(), meta=META)
     assert a.spec == b.spec and a.spec.nlist == auto_nlist(len(X)) and a.spec.nprobe is not None
@@ -190,7 +214,7 @@ def test_bad_inputs_have_clear_errors(flat: EmbeddingIndex) -> None:
         build_index(np.full((3, 4), np.nan, np.float32), IDS[:3], meta=META)
     with pytest.raises(ValueError, match="unknown index type 'lsh'"):
         IndexSpec(type="lsh")
-    with pytest.raises(ValueError, match="nbits 4, 6 or 8"):
+    with pytest.raises(ValueError, match="ivfsq supports nbits 4, 6, 8, not 5"):
         IndexSpec(type="ivfsq5")
     with pytest.raises(ValueError, match="m dividing the dimension"):
         build_index(X, IDS, IndexSpec(type="ivfpq", m=5), meta=META)
@@ -244,4 +268,5 @@ def test_plain_mapping_tables_save_too(tmp_path: Path) -> None:
     table = {"a": [("b", 0.9), ("c", 0.5)], "b": [("a", 0.9)]}
     save_neighbour_table(table, tmp_path)
     loaded = load_neighbour_table(tmp_path)
-    assert loaded["a"] == [("b", pytest.approx(0.9)), ("c", pytest.approx(0.5))] and loaded["b"] == [("a", pytest.approx(0.9))]
+    assert loaded["a"] == [("b", pytest.approx(0.9)), ("c", pytest.approx(0.5))]
+    assert loaded["b"] == [("a", pytest.approx(0.9))]

@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
     b.add_argument("--manifest", required=True, type=Path)
     b.add_argument("--clap", required=True, type=Path, help="checkpoint of a `clap_trainer` run")
     b.add_argument("--out", required=True, type=Path)
-    b.add_argument("--type", choices=("flat", "ivf", "ivfsq8", "ivfpq", "hnsw"), default=None,
+    b.add_argument("--type", choices=("flat", "ivf", "ivfsq", "ivfsq8", "ivfsq6", "ivfsq4", "ivfpq", "ivfrabitq", "hnsw"),
+                   default=None,
                    help="index type (default: the benchmarked default of IndexSpec)")
     b.add_argument("--shards", type=int, default=1)
     b.add_argument("--splits", nargs="*", default=None, help="manifest splits to index (default: all)")

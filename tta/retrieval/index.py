@@ -1,26 +1,19 @@
 """FAISS index over L2-normalised embeddings (Re-AudioLDM retrieval): build, save, load, search.
 
-`build_index(vectors, ids, spec, meta, shards)` trains and fills one FAISS index, or ``shards``
-indexes over contiguous chunks of the store (searched and merged by score). `EmbeddingIndex.save`
-writes, each file atomically::
-
-    index.faiss | index-000.faiss, index-001.faiss, ...   the FAISS index (one file per shard)
-    ids.json                                               the id of every vector, by position
-    vectors.npy                                            float32 vectors (only with ``rerank``)
-    meta.json  (written last)                              embedding model hash, dim, metric, count,
-                                                           resolved spec, calibration, faiss version
-
-`EmbeddingIndex.load` memory-maps the index files read-only (DDP ranks share the page cache
-instead of each rebuilding or copying the index) and raises `IndexMismatchError` for an index
-built by another embedding model or with another dimension.
-
-Scores are inner products (cosines of the normalised embeddings): higher is closer. The default
-spec, IVF-RaBitQ with 7 bits per dimension and nprobe calibrated on the store to recall@10 >= 0.95,
-is the setting chosen with ``bench/retrieval.py`` (numbers in ``docs/retrieval.md``).
+`build_index` trains and fills one FAISS index, or ``shards`` indexes over contiguous chunks of
+the store (searched and merged by score). `EmbeddingIndex.save` writes, each file atomically,
+``index.faiss`` (or ``index-000.faiss``, ... per shard), ``ids.json`` (id of every row),
+``vectors.npy`` (float32, only with ``rerank``) and last ``meta.json`` (embedding model hash,
+dim, metric, count, resolved spec, calibration, faiss version). `EmbeddingIndex.load`
+memory-maps the index files read-only (DDP ranks share the page cache instead of rebuilding)
+and raises `IndexMismatchError` for another embedding model or dimension. Scores are inner
+products (cosines): higher is closer. The default (IVF-SQ8 of the residual, nprobe calibrated
+to recall@10 >= 0.95) was chosen with ``bench/retrieval.py``; see ``docs/retrieval.md``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -48,7 +41,6 @@ _SQ_TYPES = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit"}
 _DEFAULT_NBITS = {"ivfsq": 8, "ivfpq": 8, "ivfrabitq": 7}
 _NORM_TOL = 1e-2  # bf16 CLAP outputs are normalised only to ~1e-3
 _CHUNK = 65536
-_CALIB_K = 10
 
 
 class IndexMismatchError(ValueError):
@@ -59,17 +51,16 @@ class IndexMismatchError(ValueError):
 class IndexSpec:
     """How to index: the type and its knobs; ``None`` knobs are resolved at build time.
 
-    type: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivfsq`` (IVF + scalar quantizer of the
-    residual, ``nbits`` 4/6/8; ``ivfsq8`` etc. are accepted), ``ivfpq`` (IVF-PQ, ``m``
-    sub-quantizers of ``nbits``), ``ivfrabitq`` (IVF + RaBitQ, ``nbits`` per dimension),
-    ``hnsw`` (HNSW-Flat, ``hnsw_m`` links). nlist None: a power of two near sqrt(count).
-    nprobe / ef_search None: calibrated at build time to the smallest value whose recall@10
-    reaches ``target_recall`` on ``calibration_queries`` vectors of the store used as queries
-    (themselves excluded). rerank: keep the float32 vectors (``vectors.npy``) and re-score the
-    ``k * rerank_factor`` best candidates exactly. The metric is always inner product.
+    type: ``flat`` (exact), ``ivf`` (IVF-Flat), ``ivfsq`` (IVF + scalar quantizer of the residual,
+    ``nbits`` 4/6/8; ``ivfsq8`` etc. accepted), ``ivfpq`` (IVF-PQ, ``m`` sub-quantizers of
+    ``nbits``), ``ivfrabitq`` (IVF + RaBitQ, ``nbits`` a dimension), ``hnsw`` (HNSW-Flat).
+    nlist None: `auto_nlist`. nprobe / ef_search None: calibrated at build time to the smallest
+    value whose recall@10 on ``calibration_queries`` store vectors (themselves excluded) reaches
+    ``target_recall``. rerank: keep the float32 vectors and re-score ``k * rerank_factor``
+    candidates exactly. Scores are always inner products (``metric="ip"``).
     """
 
-    type: str = "ivfrabitq"
+    type: str = "ivfsq"
     nlist: int | None = None
     nprobe: int | None = None
     nbits: int | None = None
@@ -93,14 +84,13 @@ class IndexSpec:
             kind, bits = "ivfsq", int(kind[5:])
             object.__setattr__(self, "nbits", bits)
         if kind not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {self.type!r}; choose one of {', '.join(INDEX_TYPES)} (or ivfsq4/6/8)")
+            raise ValueError(f"unknown index type {self.type!r}; choose one of {', '.join(INDEX_TYPES)} or ivfsq4/6/8")
         object.__setattr__(self, "type", kind)
         if self.metric != "ip":
-            raise ValueError(f"metric {self.metric!r} is not supported: tta indexes normalised embeddings by inner product ('ip')")
-        if kind == "ivfsq" and self.nbits is not None and self.nbits not in _SQ_TYPES:
-            raise ValueError(f"ivfsq supports nbits 4, 6 or 8, not {self.nbits}")
-        if kind == "ivfrabitq" and self.nbits is not None and not 1 <= self.nbits <= 9:
-            raise ValueError(f"ivfrabitq supports nbits 1..9, not {self.nbits}")
+            raise ValueError(f"metric {self.metric!r} is not supported: tta ranks unit vectors by inner product ('ip')")
+        bits = {"ivfsq": tuple(_SQ_TYPES), "ivfrabitq": tuple(range(1, 10))}.get(kind)
+        if bits and self.nbits is not None and self.nbits not in bits:
+            raise ValueError(f"{kind} supports nbits {', '.join(map(str, bits))}, not {self.nbits}")
         for name in ("nlist", "nprobe", "nbits", "m", "ef_search", "train_size", "rerank_factor", "hnsw_m"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"IndexSpec.{name} must be >= 1, got {getattr(self, name)}")
@@ -122,7 +112,7 @@ class IndexSpec:
         spec = replace(self, nbits=self.nbits or _DEFAULT_NBITS.get(self.type))
         if spec.is_ivf:
             nlist = min(spec.nlist or auto_nlist(count), count)
-            spec = replace(spec, nlist=nlist, train_size=min(count, spec.train_size or max(64 * nlist, 10_000)))
+            spec = replace(spec, nlist=nlist, train_size=min(count, spec.train_size or max(40 * nlist, 10_000)))
         if spec.type == "ivfpq":
             m = spec.m or max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
             if dim % m:
@@ -135,8 +125,8 @@ class IndexSpec:
 
 
 def auto_nlist(count: int) -> int:
-    """IVF list count for ``count`` vectors: the power of two nearest sqrt(count), >= 39 vectors a list."""
-    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(count))))
+    """IVF list count for ``count`` vectors: the power of two nearest 2 sqrt(count), >= 39 vectors a list."""
+    nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(count))))
     return int(max(1, min(nlist, count // 39)))
 
 
@@ -151,27 +141,31 @@ class Retriever(Protocol):
 
 
 def _new_faiss_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    """An empty, untrained FAISS index for a resolved spec (inner-product metric)."""
-    ip = faiss.METRIC_INNER_PRODUCT
+    """An empty, untrained FAISS index for a resolved spec.
+
+    IVF types rank by L2 distance, which orders unit vectors exactly as inner product does, but
+    makes residual codes about twice as precise: the coding error enters as ``<q - x, e>``
+    (``|q - x|`` ~ 0.5 for near neighbours) instead of ``<q, e>`` (``|q|`` = 1).
+    """
     if spec.type == "flat":
         return faiss.IndexFlatIP(dim)
     if spec.type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, ip)
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.ef_construction
         return index
-    quantizer = faiss.IndexFlatIP(dim)
+    quantizer, l2 = faiss.IndexFlatL2(dim), faiss.METRIC_L2
     if spec.type == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, ip)
+        index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, l2)
     elif spec.type == "ivfsq":
         qtype = getattr(faiss.ScalarQuantizer, _SQ_TYPES[spec.nbits])
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, spec.nlist, qtype, ip, True)  # codes the residual
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, spec.nlist, qtype, l2, True)  # codes the residual
     elif spec.type == "ivfpq":
-        index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.m, spec.nbits, ip)
+        index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.m, spec.nbits, l2)
     else:
         if not hasattr(faiss, "IndexIVFRaBitQ"):
-            raise RuntimeError(f"faiss {faiss.__version__} has no IndexIVFRaBitQ; install faiss-cpu>=1.13 or choose "
-                               "another type (e.g. ivfsq8)")
-        index = faiss.IndexIVFRaBitQ(quantizer, dim, spec.nlist, ip, True, spec.nbits)
+            raise RuntimeError(f"faiss {faiss.__version__} has no IndexIVFRaBitQ; install a newer faiss-cpu "
+                               "(tested: 1.15) or choose another type (e.g. ivfsq8)")
+        index = faiss.IndexIVFRaBitQ(quantizer, dim, spec.nlist, l2, True, spec.nbits)
         index.qb = 8  # 8-bit query quantization: the same recall as float queries, much faster scans
     quantizer.this.disown()  # the IVF index owns (and frees) its coarse quantizer
     index.own_fields = True
@@ -180,12 +174,10 @@ def _new_faiss_index(spec: IndexSpec, dim: int) -> faiss.Index:
 
 
 def _set_knob(index: faiss.Index, spec: IndexSpec, value: int) -> None:
-    """Set nprobe (IVF) or efSearch (HNSW) on a CPU or GPU index."""
+    """Set nprobe (IVF; a GPU IVF index takes it directly) or efSearch (HNSW)."""
     if spec.is_ivf:
-        try:
-            faiss.extract_index_ivf(index).nprobe = value
-        except RuntimeError:  # pragma: no cover - a GPU index is no CPU IVF index
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", value)
+        ivf = faiss.try_extract_index_ivf(index)
+        (index if ivf is None else ivf).nprobe = value
     elif spec.type == "hnsw":
         index.hnsw.efSearch = value
 
@@ -200,8 +192,8 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     return x if x.dtype == np.float32 and x.flags.c_contiguous else np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _check_store(vectors: np.ndarray, ids: list[str]) -> None:
-    """One unique non-empty string id per row; finite, L2-normalised rows."""
+def _check_store(vectors: np.ndarray, ids: list[str]) -> float:
+    """One unique non-empty string id per row; finite, L2-normalised rows. Returns max |norm - 1|."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     if not len(vectors):
@@ -214,6 +206,7 @@ def _check_store(vectors: np.ndarray, ids: list[str]) -> None:
             raise ValueError(f"duplicate id {item!r} at position {i}: ids must be unique (the same audio under "
                              "two ids is fine, one id twice is not)")
         seen.add(item)
+    worst = 0.0
     for start in range(0, len(vectors), _CHUNK):
         norms = np.linalg.norm(vectors[start : start + _CHUNK], axis=1)
         bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > _NORM_TOL))
@@ -221,6 +214,8 @@ def _check_store(vectors: np.ndarray, ids: list[str]) -> None:
             row = start + int(bad[0])
             raise ValueError(f"embeddings must be finite and L2-normalised: row {row} (id {ids[row]!r}) has norm "
                              f"{norms[bad[0]]:.4g}; divide each row by its norm before indexing")
+        worst = max(worst, float(np.abs(norms - 1.0).max()))
+    return worst
 
 
 class EmbeddingIndex:
@@ -266,8 +261,9 @@ class EmbeddingIndex:
         """Top-``k`` ids and scores ``(Q, k)`` (inner products, best first) for each query row.
 
         ``exclude[i]`` holds ids never returned for query ``i`` (the clip itself, its
-        duplicates): they are dropped and the list is refilled to ``k`` from deeper results. A row
-        with fewer than ``k`` eligible hits comes back shorter, its unused scores ``-inf``.
+        duplicates): the search goes ``k + max(len(exclude[i]))`` deep, so the list is refilled to
+        ``k`` after dropping them. A row with fewer than ``k`` eligible hits (a tiny store, an IVF
+        probe of few vectors) comes back shorter, its unused scores ``-inf``.
         ``rerank`` overrides the spec's exact re-ranking (which needs the stored vectors).
         """
         q = _as_matrix(queries, "queries")
@@ -282,25 +278,17 @@ class EmbeddingIndex:
             raise ValueError("re-ranking needs the stored vectors: build with IndexSpec(rerank=True)")
         banned = [np.array([p for p in map(self.position, e) if p is not None], dtype=np.int64) for e in exclude] \
             if exclude else None
-        out_ids: list[list[str]] = [[] for _ in range(len(q))]
+        depth = min(len(self), k + max((len(b) for b in banned), default=0) if banned else k)
+        scores, positions = self.search_positions(q, depth, rerank)  # deep enough to refill after exclusions
+        out_ids: list[list[str]] = []
         out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        todo = np.arange(len(q))
-        depth = k + max((len(b) for b in banned), default=0) if banned else k
-        while todo.size:
-            used = min(depth, len(self))
-            scores, positions = self._search_positions(q[todo], used, rerank)
-            retry = []
-            for row, qi in enumerate(todo):
-                keep = positions[row] >= 0
-                if banned is not None and banned[qi].size:
-                    keep &= ~np.isin(positions[row], banned[qi])
-                chosen = np.flatnonzero(keep)[:k]
-                if len(chosen) < k and used < len(self):
-                    retry.append(qi)  # exclusions or missing hits ate the list: search deeper
-                    continue
-                out_ids[qi] = [self.ids[p] for p in positions[row, chosen]]
-                out_scores[qi, : len(chosen)] = scores[row, chosen]
-            todo, depth = np.asarray(retry, dtype=np.int64), depth * 2
+        for row in range(len(q)):
+            keep = positions[row] >= 0
+            if banned is not None and banned[row].size:
+                keep &= ~np.isin(positions[row], banned[row])
+            chosen = np.flatnonzero(keep)[:k]
+            out_ids.append([self.ids[p] for p in positions[row, chosen]])
+            out_scores[row, : len(chosen)] = scores[row, chosen]
         return out_ids, out_scores
 
     def retrieve(self, query_embeddings: Any, k: int,
@@ -310,12 +298,15 @@ class EmbeddingIndex:
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         return self.search(q, k, exclude=exclude_ids)
 
-    def _search_positions(self, q: np.ndarray, depth: int, rerank: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and store positions ``(Q, depth)``, best first; ``-inf`` / -1 where nothing was found."""
+    def search_positions(self, q: np.ndarray, depth: int, rerank: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Raw search of float32 queries: scores and store rows ``(Q, depth)``, best first (-inf / -1: none)."""
         want = min(len(self), depth * self.spec.rerank_factor if rerank else depth)
         parts_s, parts_p = [], []
+        half_norms = 0.5 * (np.einsum("qd,qd->q", q, q)[:, None] + 1.0)
         for shard, offset in zip(self._search_shards, self._offsets):
             scores, pos = shard.search(q, min(want, shard.ntotal))
+            if self.spec.is_ivf:  # squared L2 to unit vectors -> inner product
+                scores = half_norms - 0.5 * scores
             parts_s.append(np.where(pos >= 0, scores, -np.inf).astype(np.float32))
             parts_p.append(np.where(pos >= 0, pos + offset, -1))
         scores, pos = np.concatenate(parts_s, axis=1), np.concatenate(parts_p, axis=1)
@@ -335,55 +326,6 @@ class EmbeddingIndex:
             cand = np.asarray(self.vectors[np.maximum(p, 0).ravel()]).reshape(*p.shape, self.dim)
             out[lo : lo + 256] = np.where(p >= 0, np.einsum("qcd,qd->qc", cand, q[lo : lo + 256]), -np.inf)
         return out
-
-    def calibrate(self, vectors: np.ndarray) -> dict[str, Any] | None:
-        """Set the smallest nprobe / ef_search whose recall@10 on store samples reaches the target.
-
-        ``vectors`` is the indexed store. Recall saturating below the target (codes too coarse)
-        stops the search at the plateau with a warning. Returns the calibration record.
-        """
-        knob, started = self.spec.knob, time.perf_counter()
-        if knob is None:
-            return None
-        n = len(self)
-        if self.spec.is_ivf:
-            ladder = sorted({min(2**i, self.spec.nlist) for i in range(int(math.log2(self.spec.nlist)) + 2)})
-        else:
-            ladder = [16, 32, 64, 128, 256, 512, 1024]
-        k = min(_CALIB_K, n - 1)
-        if k < 1:
-            self.set_knob(ladder[-1])
-            return None
-        qpos = np.sort(np.random.default_rng(self.spec.seed + 1).choice(n, min(self.spec.calibration_queries, n), replace=False))
-        queries = np.ascontiguousarray(vectors[qpos])
-        _, exact = faiss.knn(queries, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
-        truth = [set([p for p in row if p != own][:k]) for row, own in zip(exact, qpos)]
-        history: list[tuple[int, float]] = []
-        for value in ladder:
-            self.set_knob(value)
-            _, found = self._search_positions(queries, k + 1, self.spec.rerank)
-            hits = sum(len(t & set([p for p in row if p != own][:k])) for t, row, own in zip(truth, found, qpos))
-            history.append((value, hits / (k * len(qpos))))
-            if history[-1][1] >= self.spec.target_recall:
-                break
-            if len(history) > 2 and history[-1][1] - history[-2][1] < 1e-3:  # quantization-limited plateau
-                history.pop()
-                log.warning("recall@%d plateaus at %.3f < target %.2f for %s (nbits %s): the codes are too coarse "
-                            "for this data; use more bits, rerank=True or another type", k, history[-1][1],
-                            self.spec.target_recall, self.spec.type, self.spec.nbits)
-                break
-        else:
-            log.warning("recall@%d reaches only %.3f < target %.2f", k, history[-1][1], self.spec.target_recall)
-        value, recall = history[-1]
-        if knob == "ef_search" and recall >= self.spec.target_recall:
-            value *= 2  # store vectors sit in the graph: easier queries than new ones, so keep a margin
-        elif self.spec.is_ivf and self.spec.nlist >= 8 and value >= self.spec.nlist // 2:
-            log.warning("nprobe %d of %d lists is needed for recall@%d %.2f: the store has little cluster structure, "
-                        "so an IVF index saves little time over a flat one", value, self.spec.nlist, k, recall)
-        self.set_knob(value)
-        log.info("calibrated %s=%d: recall@%d %.3f on %d store samples", knob, value, k, recall, len(qpos))
-        return {"knob": knob, "value": value, "recall_at_10": round(recall, 4), "queries": len(qpos),
-                "history": [[v, round(r, 4)] for v, r in history], "seconds": round(time.perf_counter() - started, 3)}
 
     def set_knob(self, value: int) -> None:
         """Set the search-time knob (nprobe for IVF, ef_search for HNSW): higher = better recall, slower."""
@@ -408,7 +350,8 @@ class EmbeddingIndex:
         if self.vectors is not None:
             with atomic_path(directory / VECTORS_FILE) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(self.vectors, dtype=np.float32))
-        meta = dict(self.meta, spec=asdict(self.spec), shards=n, vectors_file=VECTORS_FILE if self.vectors is not None else None,
+        meta = dict(self.meta, spec=asdict(self.spec), shards=n,
+                    vectors_file=VECTORS_FILE if self.vectors is not None else None,
                     shard_files=[{"file": f, "count": int(s.ntotal)} for f, s in zip(files, self._shards)])
         with atomic_path(directory / META_FILE) as tmp:
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False))
@@ -430,12 +373,13 @@ class EmbeddingIndex:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; rebuild the index")
+        rebuild = "rebuild it with `tta index build`"
         if expect_model_hash is not None and meta.get(HASH_KEY) != expect_model_hash:
-            raise IndexMismatchError(f"index {directory} was built with embedding model {meta.get(HASH_KEY)!r}, not the "
-                                     f"expected {expect_model_hash!r}; rebuild it with `tta index build`")
+            raise IndexMismatchError(f"index {directory} was built with embedding model {meta.get(HASH_KEY)!r}, "
+                                     f"not the expected {expect_model_hash!r}; {rebuild}")
         if expect_dim is not None and int(meta["dim"]) != int(expect_dim):
-            raise IndexMismatchError(f"index {directory} holds dim {meta['dim']} embeddings, expected dim {expect_dim}; "
-                                     "rebuild it with `tta index build`")
+            raise IndexMismatchError(f"index {directory} holds dim {meta['dim']} embeddings, expected dim "
+                                     f"{expect_dim}; {rebuild}")
         spec = IndexSpec(**meta["spec"])
         ids = json.loads((directory / IDS_FILE).read_text())
         shards = [_read_faiss(directory / s["file"], spec, mmap) for s in meta["shard_files"]]
@@ -461,28 +405,26 @@ class EmbeddingIndex:
             return list(shards)
         try:  # pragma: no cover - needs faiss-gpu and a GPU
             moved = [faiss.index_cpu_to_all_gpus(s) for s in shards]
+            log.info("searching the %s index on %d GPU(s)", self.spec.type, faiss.get_num_gpus())
+            return moved
         except (RuntimeError, AttributeError) as exc:  # pragma: no cover
             log.warning("faiss-gpu could not take the %s index (%s); searching on CPU", self.spec.type, exc)
             return list(shards)
-        log.info("searching the %s index on %d GPU(s)", self.spec.type, faiss.get_num_gpus())  # pragma: no cover
-        return moved  # pragma: no cover
 
 
 def _read_faiss(path: Path, spec: IndexSpec, mmap: bool) -> faiss.Index:
-    """Read one index file, memory-mapped read-only when asked and supported by this FAISS."""
+    """Read one index file, memory-mapped read-only when asked and this FAISS can (else logged)."""
     if not path.is_file():
         raise FileNotFoundError(f"index file {path} is missing")
     flag = getattr(faiss, "IO_FLAG_MMAP" if spec.is_ivf else "IO_FLAG_MMAP_IFC", None)  # lists / flat codes
-    if mmap and flag is None:
-        log.info("faiss %s cannot memory-map %s indexes; reading %s into memory", faiss.__version__, spec.type, path)
-    if not mmap or flag is None:
-        return faiss.read_index(str(path))
     try:
-        return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+        if mmap and flag is not None:
+            return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as exc:
-        log.info("faiss %s cannot memory-map %s (%s); reading it into memory", faiss.__version__, path,
-                 str(exc).splitlines()[0])
-        return faiss.read_index(str(path))
+        log.info("faiss %s cannot memory-map %s (%s)", faiss.__version__, path, str(exc).splitlines()[0])
+    if mmap:
+        log.info("reading %s into memory", path)
+    return faiss.read_index(str(path))
 
 
 def build_index(vectors: Any, ids: Sequence[str], spec: IndexSpec | None = None, meta: dict[str, Any] | None = None,
@@ -497,7 +439,8 @@ def build_index(vectors: Any, ids: Sequence[str], spec: IndexSpec | None = None,
     """
     started = time.perf_counter()
     x, ids = _as_matrix(vectors, "vectors"), list(ids)
-    _check_store(x, ids)
+    if _check_store(x, ids) > 1e-5:  # e.g. bf16 encoders: renormalise, ranks must not depend on norms
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
     n, dim = x.shape
     meta = dict(meta or {})
     for key, value in (("dim", dim), ("count", n), ("metric", "inner_product")):
@@ -514,12 +457,14 @@ def build_index(vectors: Any, ids: Sequence[str], spec: IndexSpec | None = None,
     template = _new_faiss_index(spec, dim)
     if spec.is_ivf:
         t0 = time.perf_counter()
-        rows = np.sort(np.random.default_rng(spec.seed).choice(n, spec.train_size, replace=False))
-        template.train(x if spec.train_size >= n else np.ascontiguousarray(x[rows]))
-        log.info("trained %s (nlist %d) on %d vectors in %.1fs", spec.type, spec.nlist, spec.train_size, time.perf_counter() - t0)
+        rng = np.random.default_rng(spec.seed)
+        rows = rng.choice(n, spec.train_size, replace=False) if spec.train_size < n else None
+        template.train(x if rows is None else np.ascontiguousarray(x[np.sort(rows)]))
+        log.info("trained %s (nlist %d) on %d vectors in %.1fs", spec.type, spec.nlist, spec.train_size,
+                 time.perf_counter() - t0)
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     built = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         index = faiss.clone_index(template) if spec.is_ivf else _new_faiss_index(spec, dim)
         for start in range(lo, hi, _CHUNK):
             index.add(np.ascontiguousarray(x[start : min(hi, start + _CHUNK)]))
@@ -529,7 +474,9 @@ def build_index(vectors: Any, ids: Sequence[str], spec: IndexSpec | None = None,
     meta.update(format=FORMAT, faiss_version=faiss.__version__)
     result = EmbeddingIndex(built, ids, spec, meta, vectors=x if spec.rerank else None)
     if spec.knob is not None and getattr(spec, spec.knob) is None:
-        result.meta["calibration"] = result.calibrate(x)
+        from tta.retrieval.neighbours import calibrate  # neighbours imports this module
+
+        result.meta["calibration"] = calibrate(result, x)
     result.meta["build_seconds"] = round(time.perf_counter() - started, 3)
-    log.info("built %s index of %d x %d in %.1fs (%d shard(s))", spec.type, n, dim, result.meta["build_seconds"], shards)
+    log.info("built %s index of %d x %d in %.1fs (%d shards)", spec.type, n, dim, result.meta["build_seconds"], shards)
     return result

@@ -7,25 +7,29 @@ to copy its target. `build_neighbour_table` searches an `EmbeddingIndex` with th
 ``{clip id: [(neighbour id, score), ...]}`` backed by arrays. It is saved next to the index as
 ``neighbours.npz``: ``query_ids`` (Q,), ``ids`` (the index's ids), ``positions`` (Q, k) int64
 into ``ids`` (-1 = no neighbour), ``scores`` (Q, k) float32 and a JSON ``meta`` (k, embedding
-model hash, index size).
+model hash, index size). `calibrate` measures the same self-excluded store neighbours to pick an
+index's nprobe / ef_search at build time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from tta.retrieval.index import HASH_KEY, EmbeddingIndex, IndexMismatchError
 from tta.utils.files import atomic_path
 
-__all__ = ["TABLE_FILE", "NeighbourTable", "build_neighbour_table", "duplicate_closure", "load_neighbour_table",
-           "save_neighbour_table"]
+__all__ = ["TABLE_FILE", "NeighbourTable", "build_neighbour_table", "calibrate", "duplicate_closure",
+           "load_neighbour_table", "save_neighbour_table"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,54 @@ def duplicate_closure(groups: Mapping[str, set[str]] | None) -> dict[str, set[st
     for x in parent:
         members.setdefault(root(x), set()).add(x)
     return {x: members[root(x)] for x in parent}
+
+
+def calibrate(index: EmbeddingIndex, vectors: np.ndarray) -> dict[str, Any] | None:
+    """Set ``index``'s smallest nprobe / ef_search whose recall@10 on store samples reaches the target.
+
+    Store vectors serve as queries with themselves excluded, exactly as in a neighbour table.
+    ``vectors`` is the indexed store. Recall saturating below the target (codes too coarse) stops
+    the search at the plateau with a warning. Returns the calibration record (kept in meta.json).
+    """
+    knob, started = index.spec.knob, time.perf_counter()
+    if knob is None:
+        return None
+    n, k, spec = len(index), min(10, len(index) - 1), index.spec
+    top = spec.nlist if spec.is_ivf else 1024
+    ladder = sorted({min(2**i, top) for i in range(0 if spec.is_ivf else 4, int(math.log2(top)) + 2)})
+    if k < 1:
+        index.set_knob(ladder[-1])
+        return None
+    qpos = np.sort(np.random.default_rng(spec.seed + 1).choice(n, min(spec.calibration_queries, n), replace=False))
+    queries = np.ascontiguousarray(vectors[qpos])
+    _, exact = faiss.knn(queries, vectors, k + 1, faiss.METRIC_INNER_PRODUCT)
+    truth = [set([p for p in row if p != own][:k]) for row, own in zip(exact, qpos)]
+    history: list[tuple[int, float]] = []
+    for value in ladder:
+        index.set_knob(value)
+        _, found = index.search_positions(queries, k + 1, spec.rerank)
+        hits = sum(len(t & set([p for p in row if p != own][:k])) for t, row, own in zip(truth, found, qpos))
+        history.append((value, hits / (k * len(qpos))))
+        if history[-1][1] >= spec.target_recall:
+            break
+        if len(history) > 2 and history[-1][1] - history[-2][1] < 1e-3:  # quantization-limited plateau
+            history.pop()
+            log.warning("recall@%d plateaus at %.3f < target %.2f for %s (nbits %s): the codes are too coarse "
+                        "for this data; use more bits, rerank=True or another type", k, history[-1][1],
+                        spec.target_recall, spec.type, spec.nbits)
+            break
+    else:
+        log.warning("recall@%d reaches only %.3f < target %.2f", k, history[-1][1], spec.target_recall)
+    value, recall = history[-1]
+    if knob == "ef_search" and recall >= spec.target_recall:
+        value *= 2  # store vectors sit in the graph: easier queries than new ones, so keep a margin
+    elif spec.is_ivf and spec.nlist >= 8 and value >= spec.nlist // 2:
+        log.warning("nprobe %d of %d lists is needed for recall@%d %.2f: the store has little cluster structure; "
+                    "a flat index is likely faster", value, spec.nlist, k, recall)
+    index.set_knob(value)
+    log.info("calibrated %s=%d: recall@%d %.3f on %d store samples", knob, value, k, recall, len(qpos))
+    return {"knob": knob, "value": value, "recall_at_10": round(recall, 4), "queries": len(qpos),
+            "history": [[v, round(r, 4)] for v, r in history], "seconds": round(time.perf_counter() - started, 3)}
 
 
 def build_neighbour_table(index: EmbeddingIndex, query_vectors: Any, query_ids: Sequence[str], k: int = 50,
