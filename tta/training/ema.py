@@ -13,6 +13,8 @@ class EMA:
 
     The effective decay warms up as ``min(decay, (1 + n) / (10 + n))`` where ``n`` is the number
     of updates so far; ``n`` is part of the state so a resumed run continues exactly.
+    Frozen parameters (``requires_grad=False``, e.g. a frozen text encoder inside the module) are
+    not shadowed: they cannot change.
     """
 
     def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
@@ -20,8 +22,11 @@ class EMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
+        frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
         self.shadow: dict[str, torch.Tensor] = {
-            k: v.detach().clone().float() for k, v in module.state_dict().items() if v.is_floating_point()
+            k: v.detach().clone().float()
+            for k, v in module.state_dict().items()
+            if v.is_floating_point() and k not in frozen
         }
 
     def current_decay(self) -> float:

@@ -20,9 +20,9 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tta.generators.vae.codec import image_to_mel, mel_to_image
 from tta.generators.vae.distribution import DiagonalGaussian
 from tta.generators.vae.network import AutoencoderKL
 from tta.nn.discriminators import NLayerDiscriminator, hinge_d_loss
@@ -81,18 +81,11 @@ class VAEModule(TTAModule):
     # ------------------------------------------------------------ layout utils
     def _to_image(self, mel: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(B, n_mels, F) -> (B, 1, F', n_mels) padded to the downsample factor with the log floor."""
-        f = self.autoencoder.downsample_factor
-        frames, n_mels = mel.shape[-1], mel.shape[-2]
-        if n_mels % f:
-            raise ValueError(f"n_mels={n_mels} is not divisible by the VAE's downsample factor {f}")
-        pad = (-frames) % f
-        floor = float(torch.log(torch.tensor(self.mel_config.log_floor)))
-        x = F.pad(mel, (0, pad), value=floor) if pad else mel
-        return x.transpose(1, 2).unsqueeze(1), frames
+        return mel_to_image(mel, self.autoencoder.downsample_factor, self.mel_config.log_floor)
 
     @staticmethod
     def _to_mel(x: torch.Tensor, frames: int) -> torch.Tensor:
-        return x.squeeze(1).transpose(1, 2)[..., :frames]
+        return image_to_mel(x, frames)
 
     # ---------------------------------------------------------------- public API
     def encode(self, mel: torch.Tensor) -> DiagonalGaussian:
