@@ -40,19 +40,45 @@ def test_preprocess_resolves_names(tmp_path: Path) -> None:
 
 
 # Paper configs name local pretrained folders; the test points them at tiny random ones.
-LOCAL_WEIGHTS = {"clap.yaml": ("--model.init_args.clap.init_args.text_encoder.init_args.path", "gpt2")}
+LOCAL_WEIGHTS = {"clap.yaml": ("--model.init_args.clap.init_args.text_encoder.init_args.path", "gpt2"),
+                 "retrieval_features.yaml": ("--model.init_args.text_encoder.init_args.path", "t5")}
+
+
+def ldm_overrides(path: Path, tmp_path: Path) -> list[str]:
+    import yaml
+
+    from tests.ldm_fixtures import CLAP_DIM, component_checkpoints, make_store_and_table
+
+    model = yaml.safe_load(path.read_text())["model"]["init_args"]
+    vae, clap = component_checkpoints(tmp_path, mel=model["mel"])
+    out = [f"--model.init_args.vae_checkpoint={vae}", f"--model.init_args.clap_checkpoint={clap}",
+           f"--model.init_args.unet.init_args.film_dim={CLAP_DIM}"]
+    if model.get("retrieval"):
+        features, index = make_store_and_table([f"c{i}" for i in range(12)], tmp_path, k=10)
+        retrieval = model["retrieval"]["init_args"]
+        assert retrieval["audio_dim"] and retrieval["text_dim"], "paper configs give the feature widths"
+        out += [f"--model.init_args.retrieval.init_args.features={features}",
+                f"--model.init_args.retrieval.init_args.index={index}",
+                "--model.init_args.retrieval.init_args.audio_dim=12", "--model.init_args.retrieval.init_args.text_dim=10"]
+    return out
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=[str(p.relative_to(CONFIGS)) for p in ALL_CONFIGS])
 def test_every_config_instantiates(path: Path, tmp_path: Path) -> None:
     overrides = []
     if str(path.relative_to(CONFIGS)) in LOCAL_WEIGHTS:
-        from tests.hf_fixtures import make_gpt2_folder
+        from tests.hf_fixtures import make_gpt2_folder, make_t5_folder
 
         flag, kind = LOCAL_WEIGHTS[str(path.relative_to(CONFIGS))]
-        assert kind == "gpt2"
-        overrides.append(f"{flag}={make_gpt2_folder(tmp_path / kind)}")
+        make_folder = {"gpt2": make_gpt2_folder, "t5": make_t5_folder}[kind]
+        overrides.append(f"{flag}={make_folder(tmp_path / kind)}")
         overrides.append(flag.replace(".path", ".max_length") + "=32")  # the tiny model has 64 positions
+    if "audioldm" in path.name:  # frozen VAE / CLAP checkpoints and the retrieval store, tiny stand-ins
+        overrides += ldm_overrides(path, tmp_path)
+    if path == CONFIGS / "clap_caption.yaml":  # a tiny GPT2 folder and CLAP checkpoint
+        from tests.test_clap_caption import config_overrides
+
+        overrides += config_overrides(tmp_path)
     cli = build_cli(["--config", str(path), f"--trainer.default_root_dir={tmp_path}", *overrides], run=False)
     assert cli.model.mel_config == cli.datamodule.mel_config
     assert cli.trainer is not None

@@ -11,7 +11,7 @@ from tta.cli import main
 
 def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--clap-steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "2", "--clap-steps", "2", "--ldm-steps", "2", "--t2a-prompts", "3", "--t2a-sample-steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
     report = json.loads((out / "report.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {"vocoder_only", "vae_vocoder_before_training", "vae_vocoder_after_training", "griffinlim"}
@@ -30,3 +30,14 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     assert 0.0 <= clap["text_to_audio_test"]["R@1"] <= clap["text_to_audio_test"]["R@10"] <= 1.0
     assert clap["zero_shot_heldout_clips"] > 0 and 0.0 <= clap["zero_shot_heldout_accuracy"] <= 1.0
     assert len(clap["example_retrievals"]) == 3 and all(len(e["results"]) == 3 for e in clap["example_retrievals"])
+    t2a = report["text_to_audio"]["models"]
+    assert set(t2a) == {"audioldm", "re_audioldm"}
+    for m in t2a.values():
+        assert m["training"]["steps"] == 2 and m["prompts"] > 0 and -1.0 <= m["clap_score"] <= 1.0
+        assert 0.0 <= m["accuracy"]["all"] <= 1.0
+        assert len(list(Path(m["audio_dir"]).glob("*.wav"))) == m["prompts"]
+    assert all(len(e["neighbours"]) == 3 for e in t2a["re_audioldm"]["examples"])
+    for m in t2a.values():  # FAD / KL / IS with YAMNet and the CLAP score, through `tta.evaluation`
+        names = set(m["evaluation"]["metrics"])
+        assert {"fad", "is", "clap_score"} <= names and any(n.startswith("kl") for n in names), names
+        assert (Path(m["evaluation"]["eval_dir"]) / "eval.md").is_file()

@@ -23,6 +23,10 @@ commands:
   list [KIND]                       registered components by kind
   data {synth,manifest,check}       datasets: synthetic data, manifests from public datasets, checks
   index {build,search}              FAISS index of CLAP embeddings; text queries
+  generate PROMPT --pipeline DIR     text-to-audio generation: WAV + spectrogram PNG
+  pipeline export CKPT --out DIR     a self-describing pipeline folder from a latent_diffusion checkpoint
+  pipeline import-audioldm DIR --out DIR   a pipeline folder from a diffusers AudioLDM folder
+  eval --generated X --reference Y  FAD, KL, IS, CLAP score, ... -> eval.json + eval.md
   demo [--out DIR]                  the end-to-end demo on the built-in synthetic data
 
 `tta <command> --help` for the options of a command.
@@ -179,6 +183,22 @@ def main(argv: list[str] | None = None) -> int:
         from tta.retrieval.commands import main as index_main
 
         return index_main(rest)
+    if cmd == "generate":
+        from tta.pipelines.commands import main as generate_main
+
+        return generate_main(rest)
+    if cmd == "pipeline":
+        if not rest or rest[0] not in ("export", "import-audioldm"):
+            sys.stderr.write("usage: tta pipeline export CHECKPOINT --out DIR [--vocoder universal]\n"
+                             "       tta pipeline import-audioldm DIFFUSERS_FOLDER --out DIR\n")
+            return 2
+        from tta.pipelines.commands import export_main, import_audioldm_main
+
+        return (export_main if rest[0] == "export" else import_audioldm_main)(rest[1:])
+    if cmd == "eval":
+        from tta.evaluation.commands import main as eval_main
+
+        return eval_main(rest)
     if cmd == "demo":
         from tta.demo import main as demo_main
 

@@ -73,7 +73,8 @@ def _eval_batch(datamodule: AudioDataModule, n_clips: int) -> dict[str, Any]:
 
 
 def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Path | None = None,
-             clap_steps: int | None = None) -> dict[str, Any]:
+             clap_steps: int | None = None, ldm_steps: int | None = None, t2a_prompts: int = 12,
+             t2a_sample_steps: int = 20) -> dict[str, Any]:
     """Run the demo and return the report (also written to ``out/report.json``)."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,8 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
     t_train = time.time()
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.time() - t_train
+    vae_ckpt = out / "train" / "vae_final.ckpt"
+    trainer.save_checkpoint(vae_ckpt)  # with the run config: the diffusion stage rebuilds the VAE from it
     after, after_wav, after_mel = evaluate(module, vocoder, batch)
 
     sr = module.mel_config.sample_rate
@@ -122,10 +125,16 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
         "training": {"steps": int(module.batches_trained), "seconds": round(train_seconds, 1),
                      "checkpoint_dir": str(out / "train")},
         "manifest": str(datamodule.manifest_path()),
-        "clap": run_clap_stage(out, demo_config_path("clap"), steps=clap_steps, data_dir=data_dir),
-        "total_seconds": round(time.time() - t0, 1),
         "files": files,
     }
+    report["clap"] = clap = run_clap_stage(out, demo_config_path("clap"), steps=clap_steps, data_dir=data_dir)
+    if ldm_steps != 0:
+        from tta.demo_ldm import run_ldm_stage
+
+        report["text_to_audio"] = run_ldm_stage(out, str(vae_ckpt), clap["checkpoint"], clap["index_dir"],
+                                                steps=ldm_steps, data_dir=data_dir, n_prompts=t2a_prompts,
+                                                sample_steps=t2a_sample_steps)
+    report["total_seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -144,9 +153,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clips", type=int, default=4, help="validation clips to reconstruct and score")
     parser.add_argument("--data-dir", type=Path, default=None, help="where to write the synthetic dataset")
     parser.add_argument("--clap-steps", type=int, default=None, help="CLAP training steps (default: the config's)")
+    parser.add_argument("--ldm-steps", type=int, default=None,
+                        help="steps of each diffusion model (default: the configs'; 0 skips text-to-audio)")
+    parser.add_argument("--t2a-prompts", type=int, default=12, help="held-out prompts generated per model")
+    parser.add_argument("--t2a-sample-steps", type=int, default=20, help="DPM-Solver++ steps per generation")
     args = parser.parse_args(argv)
     report = run_demo(args.out.resolve(), steps=args.steps, n_clips=args.clips, data_dir=args.data_dir,
-                      clap_steps=args.clap_steps)
+                      clap_steps=args.clap_steps, ldm_steps=args.ldm_steps, t2a_prompts=args.t2a_prompts,
+                      t2a_sample_steps=args.t2a_sample_steps)
     from rich.console import Console
     from rich.table import Table
 
@@ -164,6 +178,11 @@ def main(argv: list[str]) -> int:
         f"on {clap['text_to_audio_test']['clips']} test clips; zero-shot accuracy on held-out classes "
         f"{clap['zero_shot_heldout_accuracy']} (chance {clap['zero_shot_chance']:.3f})"
     )
+    for name, m in report.get("text_to_audio", {}).get("models", {}).items():
+        acc = m["accuracy"]
+        console.print(f"{name}: CLAP score {m['clap_score']:.3f} (real clips {m['clap_score_real_test_clips']:.3f}); "
+                      f"classifier accuracy all/head/tail {acc['all']}/{acc['head']}/{acc['tail']} "
+                      f"(real clips {m['accuracy_real_test_clips']['all']}, chance {m['chance']})")
     console.print(f"outputs: {args.out.resolve()} (report.json, audio/, spectrograms/) "
                   f"in {report['total_seconds']:.0f} s")
     return 0

@@ -20,11 +20,14 @@ from tta.retrieval.embed import embed_items
 log = logging.getLogger(__name__)
 
 
-def instantiate_config(config: Path, root: Path, steps: int | None, data_dir: Path | None) -> tuple[Any, Any, Any]:
-    """(module, datamodule, trainer) of a demo config through the `tta fit` code path."""
+def instantiate_config(config: Path, root: Path, steps: int | None, data_dir: Path | None,
+                       extra: list[str] | tuple[str, ...] = ()) -> tuple[Any, Any, Any]:
+    """(module, datamodule, trainer) of a demo config through the `tta fit` code path
+    (``extra``: further ``--key=value`` overrides)."""
     from tta.cli import build_cli
 
-    argv = ["--config", str(config), f"--trainer.default_root_dir={root}", "--trainer.enable_model_summary=false"]
+    argv = ["--config", str(config), f"--trainer.default_root_dir={root}", "--trainer.enable_model_summary=false",
+            *extra]
     if steps is not None:
         argv.append(f"--trainer.max_steps={steps}")
     if data_dir is not None:
@@ -37,12 +40,15 @@ def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: 
                    n_examples: int = 3) -> dict[str, Any]:
     """Train the demo CLAP, build its index under ``out/index`` and return the report section."""
     from tta.retrieval.index import IndexSpec, build_index
+    from tta.retrieval.neighbours import build_neighbour_table, save_neighbour_table
 
     module, datamodule, trainer = instantiate_config(config, out / "train_clap", steps, data_dir)
     log.info("training the demo CLAP for %s steps", trainer.max_steps)
     t0 = time.time()
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.time() - t0
+    checkpoint = out / "train_clap" / "clap_final.ckpt"
+    trainer.save_checkpoint(checkpoint)  # with the run config: later stages rebuild the CLAP from it
     module.eval()
     items = read_manifest(datamodule.manifest_path())
     clap = module.clap
@@ -67,6 +73,9 @@ def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: 
     index = build_index(store.audio, store.ids, IndexSpec(type="flat"),
                         meta={"embedding_model": "demo CLAP (untracked checkpoint)", "dim": int(store.audio.shape[1])})
     index.save(out / "index")
+    # neighbour table (text query -> audio neighbours, the clip itself excluded) for Re-AudioLDM
+    save_neighbour_table(build_neighbour_table(index, store.text, store.ids, k=min(10, len(store.ids) - 1)),
+                         out / "index")
     queries = [store.captions[k] for k in test[:n_examples]]
     with torch.no_grad():
         qv = clap.embed_text(queries).float().numpy()
@@ -84,4 +93,5 @@ def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: 
         "text_to_audio_test": {"R@1": t2a["R@1"], "R@10": t2a["R@10"], "clips": len(test)},
         "example_retrievals": examples,
         "index_dir": str(out / "index"),
+        "checkpoint": str(checkpoint),
     }

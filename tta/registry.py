@@ -44,6 +44,19 @@ _BUILTIN_MODULES = (
     "tta.encoders.pretrained",
     "tta.encoders.clap.network",
     "tta.encoders.clap.module",
+    "tta.encoders.clap.captioner",
+    "tta.encoders.clap.caption_module",
+    "tta.encoders.clap_import",
+    "tta.encoders.clap.text_only",
+    "tta.encoders.clap_towers",
+    "tta.retrieval.features_extract",
+    "tta.nn.unet",
+    "tta.generators.ldm.module",
+    "tta.metrics.fad",
+    "tta.metrics.classifier",
+    "tta.metrics.clap_score",
+    "tta.metrics.spectrogram",
+    "tta.training.eval_callback",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -6,6 +6,9 @@
   ``max_bad_fraction`` of a split being unusable aborts with the offending ids.
 - Mels of whole clips can be cached on disk (``cache_dir``); segments are cropped in the frame
   domain, so cached and uncached runs see identical data.
+- ``predict_dataloader`` (``tta predict``, e.g. feature extraction) yields every usable clip of
+  ``predict_splits`` (default: all splits) exactly once, in manifest order, cropped from its start
+  (no random crop) and with its *first* caption; under DDP Lightning shards it without repeats.
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ class SynthSpec:
 
 
 class ClipDataset(Dataset):
-    """Clips of a manifest as ``{"id", "wav", "mel", "caption"}``; indexed by (index, seed)."""
+    """Clips of a manifest as ``{"id", "wav", "mel", "caption"}``; indexed by (index, seed).
+
+    The caption is drawn from the clip's captions with the item seed, or is always the first one
+    with ``first_caption=True`` (prediction / feature extraction).
+    """
 
     def __init__(
         self,
@@ -64,8 +71,10 @@ class ClipDataset(Dataset):
         segment_frames: int | None,
         random_crop: bool,
         cache_dir: Path | None = None,
+        first_caption: bool = False,
     ) -> None:
         self.items = items
+        self.first_caption = first_caption
         self.mel_config = mel
         self.frontend = MelFrontend.from_config(mel)
         self.segment_frames = segment_frames
@@ -118,7 +127,12 @@ class ClipDataset(Dataset):
                 floor = float(np.log(self.mel_config.log_floor))
                 mel = torch.nn.functional.pad(mel, (0, seg - frames), value=floor)
                 wav = torch.nn.functional.pad(wav, (0, (seg - frames) * hop))
-        caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))] if item.captions else ""
+        if not item.captions:
+            caption = ""
+        elif self.first_caption:
+            caption = item.captions[0]
+        else:
+            caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))]
         return {"id": item.id, "wav": wav, "mel": mel, "caption": caption, "labels": list(item.labels)}
 
 
@@ -147,6 +161,7 @@ class AudioDataModule(L.LightningDataModule):
         data_dir: where the synthetic dataset is written (default ``$TTA_CACHE/synth/...``).
         cache_dir: enable the on-disk mel cache in this directory.
         max_bad_fraction: abort when more than this fraction of a split is unusable.
+        predict_splits: manifest splits served by ``predict_dataloader`` (None: every clip).
     """
 
     def __init__(
@@ -164,6 +179,7 @@ class AudioDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        predict_splits: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.manifest = manifest
@@ -179,6 +195,7 @@ class AudioDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.max_bad_fraction = max_bad_fraction
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.predict_splits = None if predict_splits is None else list(predict_splits)
         self.datasets: dict[str, ClipDataset] = {}
         self.skipped = {"header": 0, "decode": 0}
         self._train_loader: ResumableDataLoader | None = None
@@ -220,17 +237,29 @@ class AudioDataModule(L.LightningDataModule):
         return good
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        items = read_manifest(self.manifest_path())
-        for role, split in self.splits.items():
-            chosen = [i for i in items if i.split == split]
-            chosen = self._usable(chosen, split)
-            self.datasets[role] = ClipDataset(
-                chosen, self.mel_config, self.segment_frames, random_crop=(role == "train"), cache_dir=self.cache_dir
-            )
-        if not self.datasets["train"].items and stage in (None, "fit"):
-            raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
+        if not self.datasets:
+            items = read_manifest(self.manifest_path())
+            for role, split in self.splits.items():
+                chosen = [i for i in items if i.split == split]
+                chosen = self._usable(chosen, split)
+                self.datasets[role] = ClipDataset(
+                    chosen, self.mel_config, self.segment_frames, random_crop=(role == "train"), cache_dir=self.cache_dir
+                )
+            if not self.datasets["train"].items and stage in (None, "fit"):
+                raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
+        if stage == "predict" and "predict" not in self.datasets:
+            self._setup_predict()
+
+    def _setup_predict(self) -> None:
+        wanted = self.predict_splits
+        name = "all" if wanted is None else ",".join(wanted)
+        chosen = [i for i in read_manifest(self.manifest_path()) if wanted is None or i.split in wanted]
+        chosen = self._usable(chosen, f"predict ({name})")
+        if not chosen:
+            raise ValueError(f"manifest {self.manifest_path()} has no usable clip in predict splits {name!r}")
+        self.datasets["predict"] = ClipDataset(
+            chosen, self.mel_config, self.segment_frames, random_crop=False, cache_dir=self.cache_dir, first_caption=True
+        )
 
     # ----------------------------------------------------------- dataloaders
     def _loader(self, role: str, shuffle: bool) -> ResumableDataLoader:
@@ -256,6 +285,15 @@ class AudioDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every clip of ``predict_splits`` once, in order (Lightning shards it over ranks without repeats)."""
+        if "predict" not in self.datasets:
+            self._setup_predict()
+        return DataLoader(
+            self.datasets["predict"], batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=collate_clips, drop_last=False,
+        )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         n = batch.get("n_skipped", 0)

@@ -8,7 +8,10 @@ The STFT mel follows HiFi-GAN / AudioLDM: reflect-pad ``(n_fft - hop) / 2`` on b
 centring, magnitude spectrum, Slaney-normalised mel bank, ``log(clamp(mel, min=log_floor))``.
 A clip of ``N`` samples (a multiple of the hop) gives exactly ``N / hop`` frames, so 10.24 s at
 16 kHz with hop 160 gives 1024 frames. The ``kaldi_fbank`` kind (AudioMAE) uses
-``torchaudio.compliance.kaldi.fbank``.
+``torchaudio.compliance.kaldi.fbank``. The ``stft_db`` kind (LAION CLAP, librosa style) is a
+centred STFT (reflect-pad ``n_fft / 2``), power spectrum, the same Slaney mel bank and
+``10 log10(clamp(mel, min=log_floor))``: ``N / hop + 1`` frames; it equals transformers'
+``ClapFeatureExtractor`` (``truncation="rand_trunc"``) on the ``laion`` preset.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ class MelConfig:
     f_min: float = 0.0
     f_max: float | None = 8000.0
     log_floor: float = 1e-5
-    kind: Literal["stft", "kaldi_fbank"] = "stft"
+    kind: Literal["stft", "kaldi_fbank", "stft_db"] = "stft"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("stft", "kaldi_fbank"):
-            raise ValueError(f"MelConfig.kind must be 'stft' or 'kaldi_fbank', got {self.kind!r}")
+        if self.kind not in ("stft", "kaldi_fbank", "stft_db"):
+            raise ValueError(f"MelConfig.kind must be 'stft', 'kaldi_fbank' or 'stft_db', got {self.kind!r}")
         if self.win_length > self.n_fft:
             raise ValueError(f"MelConfig.win_length ({self.win_length}) > n_fft ({self.n_fft})")
         if self.f_max is not None and self.f_max > self.sample_rate / 2:
@@ -70,8 +73,8 @@ class MelConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def num_frames(self, num_samples: int) -> int:
-        """Frames produced for ``num_samples`` samples (``kind='stft'``)."""
-        return num_samples // self.hop_length
+        """Frames produced for ``num_samples`` samples (``kind='stft'``; ``'stft_db'`` is centred: one more)."""
+        return num_samples // self.hop_length + (1 if self.kind == "stft_db" else 0)
 
     def check_compatible(self, other: MelConfig, what: str = "components") -> None:
         """Raise `MelMismatchError` naming every differing field."""
@@ -108,6 +111,11 @@ PRESETS: dict[str, MelConfig] = {
         name="audiomae", sample_rate=16000, n_fft=512, win_length=400, hop_length=160, n_mels=128, f_min=20.0,
         f_max=None, kind="kaldi_fbank",
     ),
+    # LAION CLAP (transformers ClapFeatureExtractor, rand_trunc): 48 kHz, power mel in dB.
+    "laion": MelConfig(
+        name="laion", sample_rate=48000, n_fft=1024, win_length=1024, hop_length=480, n_mels=64, f_min=50.0,
+        f_max=14000.0, log_floor=1e-10, kind="stft_db",
+    ),
 }
 PRESETS["hifigan_universal"] = dataclasses.replace(PRESETS["demo"], name="hifigan_universal")
 
@@ -122,7 +130,7 @@ class MelFrontend(nn.Module):
         else:
             self.config = MelConfig.preset(preset, **overrides)
         cfg = self.config
-        if cfg.kind == "stft":
+        if cfg.kind in ("stft", "stft_db"):
             fb = torchaudio.functional.melscale_fbanks(
                 n_freqs=cfg.n_fft // 2 + 1,
                 f_min=cfg.f_min,
@@ -179,8 +187,21 @@ class MelFrontend(nn.Module):
             wav = wav.float()
             if cfg.kind == "kaldi_fbank":
                 return self._kaldi(wav)
+            if cfg.kind == "stft_db":
+                return self._power_db(wav)
             mel = torch.matmul(self.mel_basis, self.magnitude(wav))
             return torch.log(torch.clamp(mel, min=cfg.log_floor))
+
+    def _power_db(self, wav: torch.Tensor) -> torch.Tensor:
+        """Centred power-spectrum mel in dB (``kind='stft_db'``)."""
+        cfg = self.config
+        x = F.pad(wav.unsqueeze(1), (cfg.n_fft // 2, cfg.n_fft // 2), mode="reflect").squeeze(1)
+        spec = torch.stft(
+            x, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length, window=self.window,
+            center=False, return_complex=True,
+        )  # fmt: skip
+        mel = torch.matmul(self.mel_basis, spec.real.pow(2) + spec.imag.pow(2))
+        return 10.0 * torch.log10(torch.clamp(mel, min=cfg.log_floor))
 
     def _kaldi(self, wav: torch.Tensor) -> torch.Tensor:
         cfg = self.config

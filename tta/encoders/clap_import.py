@@ -1,4 +1,10 @@
-"""Import the text tower of a transformers ``ClapModel`` (LAION CLAP) folder.
+"""Import a transformers ``ClapModel`` (LAION CLAP) folder: the whole model, or its text tower.
+
+`load_laion_clap` (`LaionCLAP`, registered ``laion_clap``) turns the folder into a full tta
+`CLAP`: HTSAT audio tower (`tta.encoders.laion_htsat`: key table and LAION options), RoBERTa
+text tower (`LaionClapTextEncoder`, registered ``laion_clap_text``), LAION projection heads and
+the logit scale, every checkpoint key consumed strictly. Fusion models (``enable_fusion``) are
+refused.
 
 A LAION CLAP folder in transformers layout holds ``config.json`` (``text_config`` of model type
 ``clap_text_model``, a RoBERTa) and ``model.safetensors`` (or shards with an index) with keys
@@ -29,14 +35,30 @@ from typing import Any
 
 import torch
 
-from tta.encoders.text_hf import TOKENIZER_FILES, HFFolderError, is_buffer_drift, read_config
-from tta.utils.weights import describe_mismatch, WeightMismatchError, load_checkpoint
+from tta.encoders.clap.network import CLAP
+from tta.encoders.laion_htsat import laion_htsat, map_laion_audio, read_preprocessor
+from tta.encoders.text import HFTextEncoder
+from tta.encoders.text_hf import (
+    TOKENIZER_FILES,
+    HFFolderError,
+    check_hf_folder,
+    is_buffer_drift,
+    read_config,
+)
+from tta.registry import register
+from tta.utils.weights import (
+    WeightMismatchError,
+    describe_mismatch,
+    load_checkpoint,
+    load_state_dict_strict,
+)
 
 log = logging.getLogger(__name__)
 
 TEXT_PREFIX = "text_model."
 PROJECTION_PREFIX = "text_projection."
 PROJECTION_FILE = "text_projection.safetensors"
+AUDIO_PROJECTION = "audio_projection."
 _OTHER_PREFIXES = ("audio_model.", "audio_projection.")
 _OTHER_KEYS = ("logit_scale_a", "logit_scale_t")
 _ROBERTA_KEYS = (
@@ -96,14 +118,18 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _roberta_config(folder: Path) -> tuple[dict[str, Any], str]:
     config = read_config(folder)
-    if config.get("model_type") != "clap" or not isinstance(config.get("text_config"), dict):
+    if config.get("model_type") == "clap_text_model":  # ClapTextModelWithProjection (diffusers AudioLDM)
+        text_raw = config
+    elif config.get("model_type") == "clap" and isinstance(config.get("text_config"), dict):
+        text_raw = config["text_config"]
+    else:
         raise ValueError(
             f"{folder / 'config.json'}: not a transformers ClapModel config (model_type {config.get('model_type')!r}, "
-            "expected 'clap' with a 'text_config' object)"
+            "expected 'clap' with a 'text_config' object, or 'clap_text_model')"
         )
     from transformers import ClapTextConfig
 
-    raw = {k: v for k, v in config["text_config"].items() if k != "model_type"}
+    raw = {k: v for k, v in text_raw.items() if k != "model_type"}
     text_config = ClapTextConfig(**raw)  # fills the defaults a saved config omits
     roberta = {k: getattr(text_config, k) for k in _ROBERTA_KEYS if getattr(text_config, k, None) is not None}
     act = str(getattr(text_config, "projection_hidden_act", config.get("projection_hidden_act", "relu")))
@@ -131,13 +157,16 @@ def _check(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], w
         raise WeightMismatchError(f"{source}: {what} does not match: {problems}")
 
 
-def read_clap_text(folder: str | os.PathLike) -> ClapTextWeights:
-    """Read the text tower, text projection and text temperature of a transformers ``ClapModel`` folder."""
+def read_clap_text(folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> ClapTextWeights:
+    """Read the text tower, text projection and text temperature of a transformers ``ClapModel`` folder.
+
+    ``state``: the folder's weights when already loaded (read from the folder otherwise).
+    """
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise HFFolderError(f"CLAP folder {folder} has no config.json")
     roberta, act = _roberta_config(folder)
-    state = _load_weights(folder)
+    state = _load_weights(folder) if state is None else state
     source = folder / "model.safetensors"
 
     text = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
@@ -207,3 +236,124 @@ def export_clap_text_tower(folder: str | os.PathLike, out: str | os.PathLike) ->
         raise
     log.info("exported the CLAP text tower of %s to %s", folder, out)
     return out
+
+
+# --------------------------------------------------------------------------- the full model
+@register("encoder", "laion_clap_text")
+class LaionClapTextEncoder(HFTextEncoder):
+    """The RoBERTa text tower of a transformers ``ClapModel`` folder, pooled by its pooler (LAION CLAP).
+
+    Reads ``text_model.*`` strictly (`read_clap_text`) into a ``RobertaModel`` with pooler;
+    tokenizer from the same folder; ``pooled`` is ``tanh(W h_<s> + b)`` as ``ClapTextModel``'s
+    ``pooler_output``. ``preloaded``: internal, already-read `ClapTextWeights`. Also reads a
+    ``ClapTextModelWithProjection`` folder (model type ``clap_text_model``, diffusers AudioLDM's
+    ``text_encoder/`` with its tokenizer files copied in).
+    """
+
+    model_types = frozenset({"clap", "clap_text_model"})
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        max_length: int = 77,
+        trainable: bool = False,
+        fixed_length: bool = False,
+        fp32: bool = True,
+        preloaded: Any = None,
+    ) -> None:
+        super().__init__(
+            path, max_length, trainable=trainable, fixed_length=fixed_length, fp32=fp32,
+            model_kwargs={"preloaded": preloaded},
+        )  # fmt: skip
+        config_pad = getattr(self.model.config, "pad_token_id", None)
+        if config_pad is not None and config_pad != self.pad_id:
+            raise ValueError(
+                f"{self.path}: tokenizer pad id {self.pad_id} differs from text_config.pad_token_id {config_pad}; "
+                "RoBERTa derives positions from the pad id, so they must agree"
+            )
+
+    def _load_model(self, folder: Path, preloaded: ClapTextWeights | None = None, **kwargs: Any) -> torch.nn.Module:
+        from transformers import RobertaConfig, RobertaModel
+
+        weights = preloaded if preloaded is not None else read_clap_text(folder)
+        model = RobertaModel(RobertaConfig(**weights.roberta_config), add_pooling_layer=True)
+        # constant buffers (position / token type ids) that some transformers versions do not save
+        state = {k: v for k, v in model.state_dict().items() if is_buffer_drift(k)}
+        state.update({k[len("model.") :]: v for k, v in weights.text_state.items()})
+        load_state_dict_strict(model, state, source=f"{folder} (text_model.*)")
+        return model.eval()
+
+    def _max_positions(self) -> int | None:
+        limit = super()._max_positions()
+        return None if limit is None else limit - int(self.model.config.pad_token_id) - 1
+
+    def _pool(self, seq: torch.Tensor, mask: torch.Tensor, pooler: torch.Tensor | None) -> torch.Tensor:
+        if pooler is None:  # pragma: no cover - the model is built with its pooler
+            raise RuntimeError(f"{self.path}: the text tower returned no pooler output")
+        return pooler
+
+
+@register("network", "laion_clap")
+class LaionCLAP(CLAP):
+    """A transformers ``ClapModel`` folder (LAION CLAP, fusion off) as a full tta `CLAP`.
+
+    Towers: `LaionClapTextEncoder` (RoBERTa + pooler) and `tta.encoders.laion_htsat.laion_htsat`
+    (our HTSAT with LAION's options, front-end from ``preprocessor_config.json``); both
+    projections are LAION heads (``Projection(style="laion")``); ``logit_scale`` is
+    ``logit_scale_a`` (the scale LAION's loss trains; ``logit_scale_t`` is read and not kept).
+    Every key of the checkpoint is consumed or the load fails with `WeightMismatchError` listing
+    missing / unexpected / mis-shaped keys.
+
+    Args:
+        path: local folder with ``config.json``, ``model.safetensors`` and the RoBERTa tokenizer.
+        text_max_length: most text tokens (LAION: 77).
+        train_text: leave the text tower trainable (default frozen).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        text_max_length: int = 77,
+        train_text: bool = False,
+        max_logit_scale: float = 200.0,
+        cache_frozen_text: bool = True,
+    ) -> None:
+        from transformers import ClapAudioConfig
+
+        folder = check_hf_folder(path)
+        config = read_config(folder)
+        source = str(folder / "model.safetensors")
+        state = _load_weights(folder)
+        text = read_clap_text(folder, state)  # also refuses unknown top-level keys
+        if not isinstance(config.get("audio_config"), dict):
+            raise TypeError(f"{folder / 'config.json'}: no 'audio_config' object")
+        audio_config = ClapAudioConfig(**{k: v for k, v in config["audio_config"].items() if k != "model_type"})
+        for act, where in ((text.projection_act, "text_config"), (audio_config.projection_hidden_act, "audio_config")):
+            if act != "relu":
+                raise ValueError(f"{folder / 'config.json'}: {where}.projection_hidden_act {act!r} (LAION uses relu)")
+        audio = laion_htsat(audio_config, read_preprocessor(folder), source=str(folder / "config.json"))
+        text_encoder = LaionClapTextEncoder(folder, max_length=text_max_length, trainable=train_text, preloaded=text)
+        super().__init__(
+            audio, text_encoder, joint_dim=text.projection_dim, dropout=0.0, max_logit_scale=max_logit_scale,
+            cache_frozen_text=cache_frozen_text, projection="laion",
+        )  # fmt: skip
+        self.path = str(folder)
+        load_state_dict_strict(self.audio_encoder, map_laion_audio(state, audio, source), source=source)
+        load_state_dict_strict(self.text_projection, text.projection, source=f"{source} (text_projection.*)")
+        audio_proj = {k[len(AUDIO_PROJECTION) :]: v for k, v in state.items() if k.startswith(AUDIO_PROJECTION)}
+        load_state_dict_strict(self.audio_projection, audio_proj, source=f"{source} (audio_projection.*)")
+        missing = [k for k in _OTHER_KEYS if k not in state]
+        if missing:
+            raise WeightMismatchError(f"{source}: missing keys {', '.join(missing)}")
+        with torch.no_grad():
+            self.logit_scale.copy_(state["logit_scale_a"].reshape(()))
+        log.info(
+            "LAION CLAP from %s: audio %d-d, text %d-d, joint %d, 1/temperature %.2f (text-side scale %.2f not kept)",
+            folder, audio.dim, text.dim, self.joint_dim, float(self.logit_scale.detach().exp()),
+            float(state["logit_scale_t"].exp()),
+        )  # fmt: skip
+
+
+def load_laion_clap(folder: str | os.PathLike, **kwargs: Any) -> LaionCLAP:
+    """A transformers ``ClapModel`` folder as a tta `CLAP` (see `LaionCLAP` for the arguments)."""
+    return LaionCLAP(folder, **kwargs)

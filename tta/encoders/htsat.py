@@ -14,6 +14,14 @@ Pipeline for one window of audio:
    ``(rows per chunk) x 3`` convolution gives per-embedding frame activations ``(frames', dim)``
    (32 frames per window); their mean over time is the clip embedding (``dim`` = 768).
 
+LAION CLAP's HTSAT (transformers ``ClapAudioModel``, fusion off) is the same network with three
+options (`tta.encoders.clap_import` maps its weights with a key table): ``head="mean"`` (no
+token-semantic conv: the clip embedding is the mean of the final normalised tokens, ``dim`` =
+the last stage's width, ``seq`` the per-frame means over frequency), ``resize="bicubic"`` (the
+BatchNorm first, then a bicubic ``align_corners=True`` resize in time) and ``pad="repeat"``
+(a short clip is tiled ``window // length`` times, then zero-padded: LAION's ``repeatpad``), on
+the ``laion`` mel preset (48 kHz power mel in dB, `tta.data.mel`).
+
 About 31 M parameters at paper size. Parameter names follow the original checkpoint layout
 (``patch_embed.proj``, ``layers.i.blocks.j.attn.relative_position_bias_table``,
 ``layers.i.downsample.reduction``, ``tscam_conv``, ``bn0``).
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +248,12 @@ class HTSAT(AudioEncoder):
         clip_seconds: pad/crop every clip to this duration first; None accepts any length.
         mel_preset: `MelFrontend` preset (``msclap``).
         mel: `MelConfig` fields overriding the preset.
+        head: ``"tscam"`` (token-semantic conv, MS-CLAP) or ``"mean"`` (mean of the final
+            tokens, LAION; ``dim`` must then be the last stage's width).
+        resize: time resize of the mel to ``spec_frames``: ``"linear"`` before the BatchNorm, or
+            ``"bicubic"`` (``align_corners=True``) after it (LAION).
+        pad: a clip shorter than a window is ``"zero"``-padded or ``"repeat"``-ed then
+            zero-padded (LAION's ``repeatpad``).
     """
 
     def __init__(
@@ -258,8 +272,16 @@ class HTSAT(AudioEncoder):
         clip_seconds: float | None = None,
         mel_preset: str = "msclap",
         mel: dict[str, Any] | None = None,
+        head: Literal["tscam", "mean"] = "tscam",
+        resize: Literal["linear", "bicubic"] = "linear",
+        pad: Literal["zero", "repeat"] = "zero",
     ) -> None:
         super().__init__()
+        for name, value, allowed in (("head", head, ("tscam", "mean")), ("resize", resize, ("linear", "bicubic")),
+                                     ("pad", pad, ("zero", "repeat"))):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"HTSAT.{name} must be one of {', '.join(allowed)}, got {value!r}")
+        self.head, self.resize, self.pad = head, resize, pad
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"HTSAT: depths {depths} and num_heads {num_heads} must be non-empty and equally long")
@@ -298,7 +320,10 @@ class HTSAT(AudioEncoder):
         self.final_resolution = res
         self.norm = nn.LayerNorm(width)
         self.rows_per_chunk = res[0] // freq_ratio
-        self.tscam_conv = nn.Conv2d(width, self.dim, kernel_size=(self.rows_per_chunk, 3), padding=(0, 1))
+        if head == "tscam":
+            self.tscam_conv = nn.Conv2d(width, self.dim, kernel_size=(self.rows_per_chunk, 3), padding=(0, 1))
+        elif self.dim != width:
+            raise ValueError(f"HTSAT(head='mean'): dim ({dim}) must be the last stage's width ({width})")
         self.frames_per_window = freq_ratio * res[1]
         self.apply(self._init_weights)
         log.debug("HTSAT built: widths %d..%d, final map %s, dim %d", embed_dim, width, res, self.dim)
@@ -319,6 +344,8 @@ class HTSAT(AudioEncoder):
         """Cut ``(B, T)`` into ``(B * n, window_samples)`` windows; returns them and ``n``."""
         b, t = wav.shape
         size = self.window_samples
+        if t < size and self.pad == "repeat":
+            wav = wav.repeat(1, size // t)
         if t <= size:
             return fit_length(wav, size), 1
         if self.training:  # one random window per clip
@@ -330,10 +357,16 @@ class HTSAT(AudioEncoder):
 
     def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel ``(B, n_mels, frames)`` of one window -> frame activations ``(B, T', dim)``."""
-        if mel.shape[-1] != self.spec_frames:
-            mel = F.interpolate(mel, size=self.spec_frames, mode="linear", align_corners=False)
-        b, m, t = mel.shape
-        x = self.bn0(mel)
+        if self.resize == "bicubic":  # LAION: normalise, then resize
+            x = self.bn0(mel)
+            if x.shape[-1] != self.spec_frames:
+                size = (x.shape[1], self.spec_frames)
+                x = F.interpolate(x.unsqueeze(1), size=size, mode="bicubic", align_corners=True).squeeze(1)
+        else:
+            if mel.shape[-1] != self.spec_frames:
+                mel = F.interpolate(mel, size=self.spec_frames, mode="linear", align_corners=False)
+            x = self.bn0(mel)
+        b, m, t = x.shape
         # fold freq_ratio time chunks onto the frequency axis: row c * n_mels + m holds chunk c
         x = x.reshape(b, m, self.freq_ratio, t // self.freq_ratio).transpose(1, 2)
         x = self.patch_embed(x.reshape(b, 1, self.freq_ratio * m, t // self.freq_ratio))
@@ -341,6 +374,8 @@ class HTSAT(AudioEncoder):
             x = layer(x)
         x = self.norm(x)  # (B, H', W', C)
         w, c = x.shape[2:]
+        if self.head == "mean":  # chunk k's rows are time positions k * W' .. (k + 1) * W' - 1
+            return x.view(b, self.freq_ratio, self.rows_per_chunk, w, c).mean(2).reshape(b, self.freq_ratio * w, c)
         # unfold: chunk c's rows go back to time positions c * W' .. (c + 1) * W' - 1
         x = x.view(b, self.freq_ratio, self.rows_per_chunk, w, c).permute(0, 4, 2, 1, 3)
         x = x.reshape(b, c, self.rows_per_chunk, self.freq_ratio * w)

@@ -77,6 +77,7 @@ class ResnetBlock2D(nn.Module):
             channel count changes.
         scale_shift: FiLM-style injection of the embedding (requires ``temb_channels > 0``).
         num_groups: GroupNorm groups (see `normalization`).
+        eps: GroupNorm epsilon (1e-6 as the LDM autoencoder; the diffusion UNets use 1e-5).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class ResnetBlock2D(nn.Module):
         conv_shortcut: bool = False,
         scale_shift: bool = False,
         num_groups: int = 32,
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -99,11 +101,11 @@ class ResnetBlock2D(nn.Module):
         self.scale_shift = scale_shift
         self.use_conv_shortcut = conv_shortcut
 
-        self.norm1 = normalization(in_channels, num_groups)
+        self.norm1 = normalization(in_channels, num_groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels * (2 if scale_shift else 1))
-        self.norm2 = normalization(out_channels, num_groups)
+        self.norm2 = normalization(out_channels, num_groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -139,23 +141,33 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Halve H and W: asymmetric zero pad (right/bottom by one) + 3x3 stride-2 conv, as LDM.
+    """Halve H and W with a 3x3 stride-2 conv.
 
-    With ``with_conv=False`` it is a 2x2 average pool instead (no parameters).
+    ``padding=0`` (default, the LDM autoencoder): asymmetric zero pad (right/bottom by one), then
+    an unpadded conv. ``padding=1`` (the diffusion UNets, diffusers ``downsample_padding=1``):
+    a symmetric conv padding of one. With ``with_conv=False`` it is a 2x2 average pool instead
+    (no parameters).
     """
 
-    def __init__(self, channels: int, with_conv: bool = True, out_channels: int | None = None) -> None:
+    def __init__(
+        self, channels: int, with_conv: bool = True, out_channels: int | None = None, padding: int = 0
+    ) -> None:
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         if not with_conv and out_channels != channels:
             raise ValueError("Downsample2D(with_conv=False) cannot change the channel count")
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample2D padding must be 0 (asymmetric LDM pad) or 1 (symmetric), got {padding}")
         self.with_conv = with_conv
+        self.padding = padding
         if with_conv:
-            self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, stride=2, padding=0)
+            self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C_out, ceil(H/2), ceil(W/2)) for even H, W exactly (H/2, W/2)."""
         if self.with_conv:
+            if self.padding == 1:
+                return self.conv(x)
             return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 

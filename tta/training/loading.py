@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from torch import nn
 
 from tta.registry import load_builtin, load_plugins, resolve_config
 from tta.utils.weights import load_checkpoint, load_state_dict_strict
@@ -24,16 +25,22 @@ class CheckpointConfigError(KeyError):
         return str(self.args[0])
 
 
-def build_model(model_config: dict[str, Any]) -> L.LightningModule:
-    """Instantiate a ``{"class_path": ..., "init_args": ...}`` model config (names resolved)."""
+def build_network(config: dict[str, Any], base: type = nn.Module) -> Any:
+    """Instantiate a ``{"class_path": ..., "init_args": ...}`` config of a ``base`` subclass
+    (registry names resolved), through the same jsonargparse path as ``tta fit``."""
     from jsonargparse import ArgumentParser
 
     load_builtin()
     load_plugins()
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
-    cfg = parser.parse_object({"model": resolve_config(model_config)})
-    return parser.instantiate_classes(cfg).model
+    parser.add_subclass_arguments(base, "component", required=True)
+    cfg = parser.parse_object({"component": resolve_config(config)})
+    return parser.instantiate_classes(cfg).component
+
+
+def build_model(model_config: dict[str, Any]) -> L.LightningModule:
+    """Instantiate a ``{"class_path": ..., "init_args": ...}`` model config (names resolved)."""
+    return build_network(model_config, L.LightningModule)
 
 
 def load_trained(path: str | os.PathLike, use_ema: bool = False, map_location: str = "cpu") -> L.LightningModule:

@@ -7,6 +7,7 @@ Pure ``nn.Module``; `tta.encoders.clap.module.CLAPModule` trains it. Embeddings 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +18,31 @@ from tta.registry import register
 
 
 class Projection(nn.Module):
-    """MS-CLAP's projection head: ``LayerNorm(W1 x + dropout(W2 gelu(W1 x)))``."""
+    """Projection head into the joint space.
 
-    def __init__(self, d_in: int, d_out: int, dropout: float = 0.5) -> None:
+    ``style="msclap"`` (MS-CLAP): ``LayerNorm(W1 x + dropout(W2 gelu(W1 x)))``, no biases;
+    ``style="laion"`` (LAION CLAP): ``W2 relu(W1 x + b1) + b2`` (keys ``linear1``/``linear2``
+    with biases, as in transformers' ``ClapProjectionLayer``; ``dropout`` unused).
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, dropout: float = 0.5, style: Literal["msclap", "laion"] = "msclap"
+    ) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_in, d_out, bias=False)
-        self.linear2 = nn.Linear(d_out, d_out, bias=False)
-        self.drop = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d_out)
+        if style not in ("msclap", "laion"):
+            raise ValueError(f"Projection.style must be 'msclap' or 'laion', got {style!r}")
+        self.style = style
+        laion = style == "laion"
+        self.linear1 = nn.Linear(d_in, d_out, bias=laion)
+        self.linear2 = nn.Linear(d_out, d_out, bias=laion)
+        if not laion:
+            self.drop = nn.Dropout(dropout)
+            self.norm = nn.LayerNorm(d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear1(x)
+        if self.style == "laion":
+            return self.linear2(F.relu(h))
         return self.norm(h + self.drop(self.linear2(F.gelu(h))))
 
 
@@ -56,6 +71,7 @@ class CLAP(nn.Module):
         cache_frozen_text: memoise the pooled text vectors of a frozen text encoder per caption
             (captions repeat every epoch; the frozen tower's output cannot change).
         dropout: dropout of the projection heads.
+        projection: head style, ``"msclap"`` or ``"laion"`` (see `Projection`).
     """
 
     def __init__(
@@ -67,12 +83,13 @@ class CLAP(nn.Module):
         dropout: float = 0.5,
         max_logit_scale: float = 200.0,
         cache_frozen_text: bool = True,
+        projection: Literal["msclap", "laion"] = "msclap",
     ) -> None:
         super().__init__()
         self.audio_encoder = audio_encoder
         self.text_encoder = text_encoder
-        self.audio_projection = Projection(audio_encoder.dim, joint_dim, dropout)
-        self.text_projection = Projection(text_encoder.dim, joint_dim, dropout)
+        self.audio_projection = Projection(audio_encoder.dim, joint_dim, dropout, projection)
+        self.text_projection = Projection(text_encoder.dim, joint_dim, dropout, projection)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.max_logit_scale = math.log(max_logit_scale)
         self.joint_dim = joint_dim

@@ -30,7 +30,7 @@ from tta.utils.weights import load_checkpoint, load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["diffusers_vae_to_tta", "diffusers_config_to_tta", "load_diffusers_vae", "ldm_first_stage_to_tta"]
+__all__ = ["diffusers_config_to_tta", "diffusers_vae_to_tta", "ldm_first_stage_to_tta", "load_diffusers_vae"]
 
 # attention sub-module names: diffusers (new and pre-0.14) -> LDM
 _ATTN_NAMES = {

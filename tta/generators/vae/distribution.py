@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["DiagonalGaussian", "LOGVAR_MIN", "LOGVAR_MAX"]
+__all__ = ["LOGVAR_MAX", "LOGVAR_MIN", "DiagonalGaussian"]
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0

@@ -31,12 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.generators.vae.distribution import DiagonalGaussian
-from tta.nn.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, normalization
+from tta.nn.blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    normalization,
+)
 from tta.registry import register
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Encoder", "Decoder", "AutoencoderKL"]
+__all__ = ["AutoencoderKL", "Decoder", "Encoder"]
 
 
 def _mid_block(channels: int, dropout: float, attention: bool) -> nn.Module:

@@ -1,0 +1,99 @@
+"""`tta fit` -> `tta pipeline export` -> `tta generate` / `load_pipeline` on a tiny AudioLDM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.hf_fixtures import make_bert_folder
+from tests.ldm_fixtures import tiny_clap_config, tiny_unet_config, tiny_vae_config
+from tta.cli import main
+from tta.pipelines.guard import BrokenOutputError, check_output
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ldm")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 1,
+                    "val_check_interval": 2, "check_val_every_n_epoch": None, "logger": False,
+                    "enable_progress_bar": False, "default_root_dir": str(root),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]},
+        "model": {"class_path": "latent_diffusion",
+                  "init_args": {"unet": tiny_unet_config(), "vae": tiny_vae_config(), "scale_factor": 1.0,
+                                "clap": tiny_clap_config(make_bert_folder(root / "bert")), "mel": "demo",
+                                "ema_decay": 0.99}},
+        "data": {"class_path": "audio", "init_args": {"manifest": str(tiny_synth), "mel": "demo",
+                                                       "segment_seconds": 0.75, "batch_size": 4}},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(path)]) == 0
+    return root / "ckpt" / "last.ckpt"
+
+
+def test_export_generate_and_python_api(trained_ckpt: Path, tmp_path: Path, single_thread: None) -> None:
+    pipe_dir = tmp_path / "pipe"
+    assert main(["pipeline", "export", str(trained_ckpt), "--out", str(pipe_dir), "--vocoder", "griffinlim",
+                 "--steps", "3"]) == 0
+    meta = json.loads((pipe_dir / "pipeline.json").read_text())
+    assert meta["format"] == "tta-pipeline/1" and meta["source"]["ema"] is True
+    assert {p.name for p in pipe_dir.iterdir()} >= {"unet.safetensors", "vae.safetensors", "clap.safetensors",
+                                                    "conditioners.safetensors", "vocoder.safetensors"}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na bell rings\n\nwater drips then a door knocks\n")
+    out = tmp_path / "out"
+    assert main(["generate", "a siren wails", "--prompts", str(prompts), "--pipeline", str(pipe_dir),
+                 "--duration", "0.5", "--out", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["captions"][0] for r in rows] == ["a siren wails", "a bell rings", "water drips then a door knocks"]
+    for r in rows:
+        assert (out / r["audio"]).is_file() and (out / r["audio"]).with_suffix(".png").is_file()
+        assert r["generation"]["steps"] == 3 and r["generation"]["guidance"] == 3.5
+        assert r["duration"] == pytest.approx(0.5, abs=0.02)
+
+    from tta import load_pipeline
+
+    pipe = load_pipeline(pipe_dir)
+    wavs = pipe(["a bell rings"], duration=0.4, steps=2, seed=1)
+    assert len(wavs) == 1 and wavs[0].shape == (round(0.4 * 22050),)
+    again = pipe(["a bell rings"], duration=0.4, steps=2, seed=1)
+    assert torch.equal(wavs[0], again[0])
+    best = pipe.generate(["a bell rings", "a dog"], duration=0.3, steps=2, candidates=2)
+    assert best.wav.shape[0] == 2 and best.clap_scores is not None and len(best.clap_scores) == 2
+    with pytest.raises(ValueError, match="non-empty"):
+        pipe([""], duration=0.3)
+
+
+def test_loading_refuses_tampered_pipeline(trained_ckpt: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tta import load_pipeline
+    from tta.utils.weights import WeightMismatchError
+
+    pipe_dir = tmp_path / "pipe"
+    main(["pipeline", "export", str(trained_ckpt), "--out", str(pipe_dir), "--vocoder", "griffinlim"])
+    unet = load_file(str(pipe_dir / "unet.safetensors"))
+    unet.pop(next(iter(unet)))
+    save_file(unet, str(pipe_dir / "unet.safetensors"))
+    with pytest.raises(WeightMismatchError, match="missing keys"):
+        load_pipeline(pipe_dir)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint nor a pipeline"):
+        load_pipeline(tmp_path)
+
+
+def test_output_guard() -> None:
+    ok = torch.randn(2, 100) * 0.1
+    assert check_output(ok) == []
+    with pytest.raises(BrokenOutputError, match="NaN/Inf for \\['b'\\]"):
+        check_output(torch.stack([ok[0], torch.full((100,), float("nan"))]), names=["a", "b"])
+    silent = torch.stack([ok[0], torch.zeros(100)])
+    with pytest.raises(BrokenOutputError, match="silent"):
+        check_output(silent, names=["a", "b"])
+    assert check_output(silent, allow_silent=True, names=["a", "b"]) == ["silent: b"]

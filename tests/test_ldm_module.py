@@ -1,0 +1,167 @@
+"""AudioLDM / Re-AudioLDM training module: conditioning routes, neighbours, overfit, sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.hf_fixtures import make_bert_folder
+from tests.ldm_fixtures import (
+    CTX_DIM,
+    build,
+    make_store_and_table,
+    tiny_clap_config,
+    tiny_unet_config,
+    tiny_vae_config,
+)
+from tta.generators.ldm.module import LatentDiffusionModule
+from tta.generators.ldm.retrieval import RetrievalConditioner
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bert_folder(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_synth: Path) -> dict[str, Any]:
+    from tta.data.datamodule import AudioDataModule
+
+    dm = AudioDataModule(manifest=str(tiny_synth), mel="demo", segment_seconds=0.75, batch_size=4)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def make_module(bert: Path, retrieval: RetrievalConditioner | None = None, **kw: Any) -> LatentDiffusionModule:
+    torch.manual_seed(0)
+    return LatentDiffusionModule(
+        unet=build(tiny_unet_config(retrieval is not None)), vae=build(tiny_vae_config()), scale_factor=1.0,
+        clap=build(tiny_clap_config(bert)), retrieval=retrieval, mel="demo", lr=2e-3, **kw,
+    )
+
+
+def test_components_must_be_given_once(bert: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one of vae_checkpoint"):
+        LatentDiffusionModule(unet=build(tiny_unet_config()), clap=build(tiny_clap_config(bert)), mel="demo")
+    with pytest.raises(ValueError, match="scale_factor"):
+        LatentDiffusionModule(unet=build(tiny_unet_config()), vae=build(tiny_vae_config()),
+                              clap=build(tiny_clap_config(bert)), mel="demo")
+
+
+def test_film_width_must_match_clap(bert: Path) -> None:
+    cfg = tiny_unet_config()
+    cfg["init_args"]["film_dim"] = 24
+    with pytest.raises(ValueError, match="film_dim"):
+        LatentDiffusionModule(unet=build(cfg), vae=build(tiny_vae_config()), scale_factor=1.0,
+                              clap=build(tiny_clap_config(bert)), mel="demo")
+
+
+def test_training_neighbours_exclude_the_clip_itself(tmp_path: Path) -> None:
+    ids = [f"c{i}" for i in range(6)]
+    features, index = make_store_and_table(ids, tmp_path)
+    # a table row that lists the clip itself first (e.g. a store built without exclusion)
+    import numpy as np
+
+    from tta.retrieval.neighbours import NeighbourTable
+
+    positions = np.array([[i, (i + 1) % 6, (i + 2) % 6, (i + 3) % 6] for i in range(6)])
+    NeighbourTable(ids, ids, positions, np.ones((6, 4), np.float32), {}).save(index)
+    cond = RetrievalConditioner(str(features), str(index), k=3, context_dim=CTX_DIM)
+    chosen = cond.training_neighbours(ids)
+    assert all(clip not in nb and len(nb) == 3 for clip, nb in zip(ids, chosen))
+    assert chosen[0] == ["c1", "c2", "c3"]
+    with pytest.raises(KeyError, match="no row in the neighbour table"):
+        cond.training_neighbours(["unknown"])
+
+
+def test_retrieval_context_shapes_modes_and_drop(tmp_path: Path) -> None:
+    ids = [f"c{i}" for i in range(6)]
+    features, index = make_store_and_table(ids, tmp_path)
+    both = RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM)
+    seq, mask = both([["c1", "c2"], ["c3", "c4"]])
+    assert seq.shape == (2, 2 * (3 + 5), CTX_DIM) and mask.shape == (2, 16)
+    assert mask.sum().item() == 2 * 2 * (3 + 3)  # text keeps 3 of 5 real tokens
+    audio_only = RetrievalConditioner(str(features), str(index), k=2, mode="audio", context_dim=CTX_DIM)
+    assert audio_only([["c1", "c2"]])[0].shape == (1, 6, CTX_DIM) and audio_only.text_proj is None
+    _, dropped = both([["c1", "c2"], ["c3", "c4"]], drop=torch.tensor([True, False]))
+    assert not dropped[0].any() and dropped[1].any()
+    with pytest.raises(ValueError, match="width"):
+        _ = RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM, audio_dim=99, text_dim=10).store
+
+
+def test_retrieval_changes_output_and_k0_equals_plain(bert: Path, tmp_path: Path, batch: dict[str, Any],
+                                                      single_thread: None) -> None:
+    features, index = make_store_and_table(list(batch["id"]) + ["x0", "x1", "x2", "x3"], tmp_path)
+    plain = make_module(bert)
+    re_ldm = make_module(bert, RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM))
+    own, shared = re_ldm.state_dict(), plain.state_dict()
+    assert set(shared) < set(own) and all(".retrieval." in k or k.startswith("model.retrieval.")
+                                          for k in set(own) - set(shared))
+    re_ldm.load_state_dict({**own, **shared})  # same weights everywhere but the retrieval parts
+    with torch.no_grad():  # a trained retrieval attention (its output projection starts at zero)
+        for name, p in re_ldm.model.unet.named_parameters():
+            if ".retrieval." in name and "to_out" in name:
+                p.normal_(0, 0.2)
+    z = torch.randn(2, 4, 8, 40, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500])
+    captions = list(batch["caption"][:2])
+    base = plain.model.denoise(z, t, plain.model.conditioning(captions))
+    nb = re_ldm.model.retrieval.training_neighbours(batch["id"][:2])
+    with_ret = re_ldm.model.denoise(z, t, re_ldm.model.conditioning(captions, nb))
+    without = re_ldm.model.denoise(z, t, re_ldm.model.conditioning(captions, [[], []]))
+    assert (with_ret - base).abs().max() > 1e-4
+    torch.testing.assert_close(without, base, atol=1e-6, rtol=1e-5)
+    dropped = re_ldm.model.unconditional(re_ldm.model.conditioning(captions, nb), drop=("retrieval",))
+    torch.testing.assert_close(re_ldm.model.denoise(z, t, dropped), base, atol=1e-6, rtol=1e-5)
+
+
+def test_tiny_overfit_loss_drops_and_sampling_works(bert: Path, batch: dict[str, Any], tmp_path: Path,
+                                                    single_thread: None) -> None:
+    import lightning as L
+
+    module = make_module(bert, cfg_dropout=0.0)
+    before = module.fixed_loss(batch).item()
+
+    class Repeat(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    loader = torch.utils.data.DataLoader(Repeat(), batch_size=1, collate_fn=lambda _: batch)
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    after = module.fixed_loss(batch).item()
+    assert after < 0.8 * before, (before, after)
+    assert module.batches_trained == 40
+
+    module.eval()
+    frames = batch["mel"].shape[-1]
+    mel = module.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
+    again = module.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
+    assert mel.shape == (2, 80, frames) and torch.isfinite(mel).all()
+    assert torch.equal(mel, again)
+    odd = module.generate_mel(["a bell rings"], 37, steps=2, guidance=1.0)  # not a multiple of any factor
+    assert odd.shape == (1, 80, 37)
+
+
+def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_path: Path,
+                                                              batch: dict[str, Any]) -> None:
+    plain = make_module(bert)
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": plain.state_dict()}, ckpt)
+    features, index = make_store_and_table(list(batch["id"]), tmp_path)
+    re_ldm = make_module(bert, RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM),
+                         init_from=str(ckpt))
+    for k, v in plain.model.unet.state_dict().items():
+        assert torch.equal(re_ldm.model.unet.state_dict()[k], v)
+    other = tiny_unet_config()
+    other["init_args"]["model_channels"] = 8
+    with pytest.raises(KeyError, match="cannot initialise the UNet"):
+        LatentDiffusionModule(unet=build(other), vae=build(tiny_vae_config()), scale_factor=1.0,
+                              clap=build(tiny_clap_config(bert)), mel="demo", init_from=str(ckpt))

@@ -1,0 +1,237 @@
+"""`LatentDiffusionModule` (registered ``latent_diffusion``): trains AudioLDM and Re-AudioLDM.
+
+The frozen components come from their own ``tta fit`` checkpoints (self-describing, rebuilt by
+`tta.training.loading.load_trained`): the mel VAE (``vae_checkpoint``, which also provides the
+latent ``scale_factor`` and the mel front-end) and CLAP (``clap_checkpoint``, text tower for
+FiLM and retrieval queries). Tests and library users may pass the networks directly instead.
+
+A training step: mel -> VAE posterior sample x scale -> random timestep and noise -> UNet
+conditioned on the prompt (FiLM) and, for Re-AudioLDM, the k table neighbours of the clip
+(cached features; the clip itself is never its own neighbour) -> MSE to the noise, with
+per-condition classifier-free-guidance dropout. Validation reports the same loss at fixed
+timesteps and noise, so curves are comparable across runs.
+
+``init_from`` starts the UNet from a trained plain AudioLDM checkpoint (or an imported public
+one, see `tta.pipelines`): every key must match except the new retrieval cross-attention, whose
+zero-initialised output projection makes the fine-tuned model start exactly at AudioLDM.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta.generators.ldm.conditioning import ClapTextFiLM
+from tta.generators.ldm.diffusion import DiffusionSchedule
+from tta.generators.ldm.model import LatentDiffusion
+from tta.generators.ldm.retrieval import CONTEXT_NAME, RetrievalConditioner
+from tta.generators.vae.codec import LatentCodec
+from tta.generators.vae.network import AutoencoderKL
+from tta.registry import register
+from tta.training.base import TTAModule
+from tta.training.schedule import adamw_with_warmup
+
+log = logging.getLogger(__name__)
+
+
+def _load_component(path: str, attr: str, what: str) -> Any:
+    from tta.training.loading import load_trained
+
+    module = load_trained(path)
+    part = getattr(module, attr, None)
+    if part is None:
+        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a {what} one (no `{attr}`)")
+    return module, part
+
+
+@register("module", "latent_diffusion")
+class LatentDiffusionModule(TTAModule):
+    """AudioLDM (``retrieval: null``) or Re-AudioLDM (a `RetrievalConditioner`).
+
+    Args:
+        unet: the denoising network (`tta.nn.unet.UNetModel`).
+        vae_checkpoint / vae + scale_factor: the frozen mel VAE (a ``vae`` checkpoint, or a
+            network and its latent scale).
+        clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network).
+        retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM).
+        film_null: null embedding of the prompt (``"learned"`` or ``"empty_prompt"``).
+        cfg_dropout: per-condition dropout for classifier-free guidance (0.1 in the papers).
+        num_train_timesteps, beta_start, beta_end, beta_schedule, objective: the diffusion.
+        lr, betas, weight_decay, warmup_steps: AdamW (Re-AudioLDM: lr 5e-5).
+        init_from: a ``latent_diffusion`` checkpoint whose UNet initialises this one.
+        val_timesteps: timesteps of the fixed validation loss.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae_checkpoint: str | None = None,
+        vae: AutoencoderKL | None = None,
+        scale_factor: float | None = None,
+        clap_checkpoint: str | None = None,
+        clap: nn.Module | None = None,
+        retrieval: RetrievalConditioner | None = None,
+        film_null: str = "learned",
+        cfg_dropout: float | dict[str, float] = 0.1,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0015,
+        beta_end: float = 0.0195,
+        beta_schedule: str = "scaled_linear",
+        objective: str = "eps",
+        mel: str | dict[str, Any] = "audioldm",
+        lr: float = 5.0e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        init_from: str | None = None,
+        val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
+        ema_decay: float | None = None,
+        grad_clip: float | None = 1.0,
+        nan_max_skips: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
+        self.save_hyperparameters(ignore=["unet", "vae", "clap", "retrieval"])
+        self.codec = self._build_codec(vae_checkpoint, vae, scale_factor)
+        clap = self._build_clap(clap_checkpoint, clap)
+        schedule = DiffusionSchedule(num_train_timesteps, beta_start, beta_end, beta_schedule, objective)
+        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null), retrieval, schedule, cfg_dropout)
+        for attr in ("in_channels", "out_channels"):
+            if getattr(unet, attr, self.codec.latent_channels) != self.codec.latent_channels:
+                raise ValueError(f"the UNet's {attr} is {getattr(unet, attr)} but the VAE's latents have "
+                                 f"{self.codec.latent_channels} channels")
+        self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
+        self.val_timesteps = tuple(int(t) for t in val_timesteps)
+        if any(not 0 <= t < num_train_timesteps for t in self.val_timesteps):
+            raise ValueError(f"val_timesteps {self.val_timesteps} must lie in [0, {num_train_timesteps})")
+        if init_from is not None:
+            self.init_unet_from(init_from)
+
+    # ---------------------------------------------------------------- components
+    def _build_codec(self, path: str | None, vae: AutoencoderKL | None, scale: float | None) -> LatentCodec:
+        if (path is None) == (vae is None):
+            raise ValueError("give exactly one of vae_checkpoint (a `vae` checkpoint) and vae (a network)")
+        if path is not None:
+            vae_module, vae = _load_component(path, "autoencoder", "vae")
+            self.mel_config.check_compatible(vae_module.mel_config, f"this model and the VAE of {path}")
+            stored = float(vae_module.scale_factor)
+            if scale is not None and not math.isclose(scale, stored, rel_tol=1e-6):
+                raise ValueError(f"scale_factor {scale} contradicts the {stored} stored in {path}")
+            scale = stored
+        if scale is None:
+            raise ValueError("a VAE network needs its scale_factor (1 / std of its latents)")
+        return LatentCodec(vae, self.mel_config, scale)
+
+    @staticmethod
+    def _build_clap(path: str | None, clap: nn.Module | None) -> nn.Module:
+        if (path is None) == (clap is None):
+            raise ValueError("give exactly one of clap_checkpoint (a `clap_trainer` checkpoint) and clap (a network)")
+        if path is not None:
+            _, clap = _load_component(path, "clap", "CLAP")
+        clap.requires_grad_(False)
+        if hasattr(clap, "freeze_all"):
+            clap.freeze_all()
+        return clap.eval()
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        self.model.text.clap.eval()  # frozen: dropout/normalisation stay in inference mode
+        return self
+
+    def init_unet_from(self, path: str) -> None:
+        """Copy a trained UNet's weights; only the retrieval cross-attention may be new."""
+        from tta.utils.weights import load_checkpoint
+
+        state = load_checkpoint(path)["state_dict"]
+        prefix = "model.unet."
+        source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not source:
+            raise KeyError(f"{path} holds no UNet weights (no '{prefix}*' keys)")
+        target = self.model.unet.state_dict()
+        unexpected = sorted(set(source) - set(target))
+        missing = sorted(k for k in set(target) - set(source) if f".{CONTEXT_NAME}." not in k)
+        mismatched = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
+        if unexpected or missing or mismatched:
+            raise KeyError(
+                f"cannot initialise the UNet from {path}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"shape mismatch {mismatched[:5]} (only '{CONTEXT_NAME}' cross-attention keys may be new)"
+            )
+        new = sorted(set(target) - set(source))
+        target.update(source)
+        self.model.unet.load_state_dict(target, strict=True)
+        log.info("UNet initialised from %s (%d tensors; %d new: the retrieval attention)", path, len(source), len(new))
+
+    def ema_target(self) -> nn.Module:
+        return self.model
+
+    # ---------------------------------------------------------------------- steps
+    def _neighbours(self, ids: list[str]) -> list[list[str]] | None:
+        retrieval = self.model.retrieval
+        return None if retrieval is None else retrieval.training_neighbours(ids)
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        g = self.step_generator()
+        latents = self.codec.encode(batch["mel"].float(), generator=g)
+        loss = self.model.loss(latents, batch["caption"], self._neighbours(batch["id"]), generator=g)
+        (opt, sched), = self.optimizer_pairs(1)
+        self.guarded_step(loss, opt, [p for p in self.model.parameters() if p.requires_grad], sched)
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=latents.shape[0])
+
+    def fixed_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean loss over ``val_timesteps`` with fixed noise and no condition dropout."""
+        g = torch.Generator().manual_seed(self.seed)
+        latents = self.codec.encode(batch["mel"].float(), sample=False)
+        b = latents.shape[0]
+        keep = {c: torch.zeros(b, dtype=torch.bool) for c in self.model.cfg_dropout}
+        neighbours = self._neighbours(batch["id"])
+        losses = [
+            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=torch.full((b,), t), drop=keep)
+            for t in self.val_timesteps
+        ]
+        return torch.stack(losses).mean()
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        if "mel" not in batch:
+            return
+        self.log(f"{stage}/loss", self.fixed_loss(batch), prog_bar=stage == "val", batch_size=len(batch["id"]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt, sched = adamw_with_warmup(params, self.lr, self.betas, self.weight_decay, self.warmup_steps)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate_mel(self, captions: list[str], frames: int, steps: int = 50, sampler: str = "ddim",
+                     guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mels ``(B, n_mels, frames)`` for ``captions`` (retrieval: the given neighbours, or
+        an index query with the prompts' CLAP text embeddings); ``noise``: the initial latents
+        ``(B, *codec.latent_shape(frames))`` instead of the seeded draw."""
+        model = self.model
+        if model.retrieval is not None and neighbours is None:
+            neighbours = model.retrieval.query_neighbours(model.text.embed(captions))
+        cond = model.conditioning(captions, neighbours)
+        g = torch.Generator().manual_seed(seed)
+        shape = self.codec.latent_shape(frames)
+        if noise is not None and tuple(noise.shape) != (len(captions), *shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(captions), *shape)}")
+        z = model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise)
+        return self.codec.decode(z.to(next(self.codec.parameters()).dtype), frames)
+
+    def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """For the demo callback: the real mels and generations for their captions."""
+        frames = batch["mel"].shape[-1]
+        ids = batch["id"]
+        gen = self.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids))
+        return {"input": batch["mel"], "generated": gen}

@@ -1,0 +1,125 @@
+"""``tta generate`` (prompts -> WAV + spectrogram PNG + a manifest), ``tta pipeline export`` and
+``tta pipeline import-audioldm``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tta generate", description="Text-to-audio generation.")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (or --prompts FILE)")
+    p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--pipeline", required=True, type=Path, help="a pipeline folder or a latent_diffusion checkpoint")
+    p.add_argument("--vocoder", help="universal | griffinlim | a hifigan checkpoint (default: the pipeline's)")
+    p.add_argument("--duration", type=float, default=10.24, help="seconds per clip")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), help="default: the pipeline's (ddim)")
+    p.add_argument("--candidates", type=int, help="clips sampled per prompt, best kept by CLAP score (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-silent", action="store_true", help="write silent clips (with a warning) instead of failing")
+    p.add_argument("--out", type=Path, default=Path("generations"))
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from the command line and/or a file (blank lines and ``#`` comments skipped)."""
+    prompts = list(args.prompt)
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise FileNotFoundError(f"prompt file {args.prompts} does not exist")
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError("no prompts: give them as arguments or with --prompts FILE")
+    return prompts
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Generate every prompt in batches; write WAVs, PNGs and ``generations.jsonl``."""
+    from tta.data.audio import save_audio
+    from tta.pipelines.ldm import load_pipeline
+    from tta.utils.plots import safe_name, save_spectrograms
+
+    prompts = read_prompts(args)
+    pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        gen = pipe.generate(batch, duration=args.duration, steps=args.steps, guidance=args.guidance,
+                            seed=args.seed + start, sampler=args.sampler, candidates=args.candidates,
+                            allow_silent=args.allow_silent)
+        for j, prompt in enumerate(batch):
+            clip_id = f"{start + j:04d}_{safe_name(prompt)[:48]}"
+            save_audio(args.out / f"{clip_id}.wav", gen.wav[j], gen.sample_rate)
+            save_spectrograms(args.out / f"{clip_id}.png", {prompt: gen.mel[j]}, pipe.mel_config)
+            rows.append({
+                "id": clip_id, "audio": f"{clip_id}.wav", "captions": [prompt], "split": "generated",
+                "duration": gen.wav.shape[-1] / gen.sample_rate, "sample_rate": gen.sample_rate,
+                "generation": {
+                    "pipeline": str(args.pipeline), "seed": args.seed + start, "steps": args.steps or pipe.defaults["steps"],
+                    "guidance": args.guidance if args.guidance is not None else pipe.defaults["guidance"],
+                    "sampler": args.sampler or pipe.defaults["sampler"],
+                    "neighbours": None if gen.neighbours is None else gen.neighbours[j],
+                    "clap_score": None if gen.clap_scores is None else gen.clap_scores[j],
+                },
+            })
+        log.info("generated %d/%d clips", min(start + args.batch_size, len(prompts)), len(prompts))
+    manifest = args.out / "generations.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    log.info("wrote %d clips and %s", len(rows), manifest)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``tta generate ...``."""
+    return generate(_parser().parse_args(argv))
+
+
+def export_main(argv: list[str]) -> int:
+    """``tta pipeline export CHECKPOINT --out DIR [--vocoder universal]``."""
+    from tta.pipelines.ldm import export_pipeline
+
+    p = argparse.ArgumentParser(prog="tta pipeline export", description="Write a self-describing pipeline folder.")
+    p.add_argument("checkpoint", type=Path, help="a latent_diffusion checkpoint")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vocoder", default="universal", help="universal | griffinlim | a hifigan checkpoint")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmsolver++"))
+    args = p.parse_args(argv)
+    export_pipeline(args.checkpoint, args.out, vocoder=args.vocoder, use_ema=not args.no_ema,
+                    defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+    return 0
+
+
+def import_audioldm_main(argv: list[str]) -> int:
+    """``tta pipeline import-audioldm FOLDER --out DIR``: a diffusers AudioLDM folder -> a pipeline folder."""
+    from tta.pipelines.audioldm_import import IMPORT_DEFAULTS, import_audioldm
+
+    p = argparse.ArgumentParser(
+        prog="tta pipeline import-audioldm",
+        description="Import a local diffusers AudioLDMPipeline folder (unet, vae, text_encoder, tokenizer, vocoder, "
+        "scheduler) as a tta pipeline folder.",
+    )
+    p.add_argument("folder", type=Path, help="the diffusers AudioLDM folder (with model_index.json)")
+    p.add_argument("--out", type=Path, required=True, help="the new pipeline folder (must not exist or be empty)")
+    p.add_argument("--mel", default="audioldm", help="mel preset of the VAE and vocoder (default audioldm)")
+    p.add_argument("--text-max-length", type=int, help="most prompt tokens (default: the tokenizer's)")
+    p.add_argument("--steps", type=int, default=IMPORT_DEFAULTS["steps"])
+    p.add_argument("--guidance", type=float, default=IMPORT_DEFAULTS["guidance"])
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmsolver++"))
+    args = p.parse_args(argv)
+    import_audioldm(args.folder, args.out, mel=args.mel, text_max_length=args.text_max_length,
+                    defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+    return 0

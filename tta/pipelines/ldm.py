@@ -1,0 +1,288 @@
+"""Text-to-audio inference for AudioLDM / Re-AudioLDM, and self-describing pipeline folders.
+
+A pipeline folder::
+
+    pipeline.json          format, kind, mel front-end, the model config (every network as
+                           class_path/init_args), the vocoder config, sampling defaults,
+                           retrieval references (index + feature store), provenance
+    unet.safetensors       the denoiser
+    vae.safetensors        the mel VAE
+    clap.safetensors       CLAP (text tower for FiLM and retrieval queries, audio tower for
+                           re-ranking candidates)
+    conditioners.safetensors   the prompt's null embedding, retrieval projections
+    vocoder.safetensors    the vocoder
+
+`export_pipeline` writes one from a ``latent_diffusion`` checkpoint (`tta.pipelines.audioldm_import`
+from a public diffusers AudioLDM folder); `load_pipeline` rebuilds it (strict loading, mel
+front-ends of VAE and vocoder checked to agree). Config entries listed in ``relative_paths``
+(e.g. the text encoder folder an importer copied in) are resolved against the pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tta.data.mel import MelConfig
+from tta.generators.ldm.module import LatentDiffusionModule
+from tta.pipelines.guard import check_output
+from tta.vocoders.base import Vocoder
+from tta.vocoders.factory import check_composition
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tta-pipeline/1"
+PIPELINE_FILE = "pipeline.json"
+#: component file -> state-dict prefix inside `LatentDiffusionModule` ("" = everything left)
+COMPONENTS = {"unet": "model.unet.", "vae": "codec.", "clap": "model.text.clap.", "conditioners": ""}
+DEFAULTS = {"steps": 200, "sampler": "ddim", "guidance": 3.5, "candidates": 1}
+
+
+@dataclass
+class Generation:
+    """Waveforms ``(B, T)``, their log-mels, CLAP scores (when re-ranked) and retrieved neighbours."""
+
+    wav: torch.Tensor
+    mel: torch.Tensor
+    sample_rate: int
+    prompts: list[str]
+    clap_scores: list[float] | None = None
+    neighbours: list[list[str]] | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+class TextToAudioPipeline:
+    """Prompts -> waveforms: conditioning, sampling, VAE decoding, vocoding, candidate re-ranking.
+
+    Args:
+        module: a (trained) `LatentDiffusionModule` (eval mode).
+        vocoder: a `Vocoder` on the same mel front-end as the module.
+        defaults: sampling defaults (``steps``, ``sampler``, ``guidance``, ``candidates``).
+    """
+
+    def __init__(self, module: LatentDiffusionModule, vocoder: Vocoder, defaults: dict[str, Any] | None = None) -> None:
+        check_composition(module.mel_config, vocoder, "the diffusion model's VAE and the vocoder")
+        self.module = module.eval()
+        self.vocoder = vocoder.eval()
+        self.defaults = {**DEFAULTS, **(defaults or {})}
+
+    @property
+    def mel_config(self) -> MelConfig:
+        return self.module.mel_config
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel_config.sample_rate
+
+    def to(self, device: torch.device | str) -> TextToAudioPipeline:
+        self.module.to(device)
+        self.vocoder.to(device)
+        return self
+
+    def frames_for(self, duration: float) -> int:
+        """Mel frames covering ``duration`` seconds (the waveform is cropped to it exactly)."""
+        if not duration > 0:
+            raise ValueError(f"duration must be positive, got {duration}")
+        return max(1, math.ceil(round(duration * self.sample_rate) / self.mel_config.hop_length))
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], duration: float = 10.24, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, sampler: str | None = None,
+                 candidates: int | None = None, allow_silent: bool = False,
+                 noise: torch.Tensor | None = None) -> Generation:
+        """Generate one clip per prompt (the best of ``candidates`` by CLAP text-audio score).
+
+        ``noise``: initial latents ``(len(prompts) * candidates, C, h, w)`` instead of the seeded
+        draw (e.g. to reproduce another implementation's run).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"prompts must be non-empty strings, got {prompts!r}")
+        d = self.defaults
+        steps, guidance = int(steps or d["steps"]), float(guidance if guidance is not None else d["guidance"])
+        sampler, n = sampler or d["sampler"], int(candidates or d["candidates"])
+        if n < 1:
+            raise ValueError(f"candidates must be >= 1, got {n}")
+        frames = self.frames_for(duration)
+        model = self.module.model
+        neighbours = None
+        if model.retrieval is not None:
+            neighbours = model.retrieval.query_neighbours(model.text.embed(prompts))
+        expanded = [p for p in prompts for _ in range(n)]
+        expanded_nb = None if neighbours is None else [nb for nb in neighbours for _ in range(n)]
+        mel = self.module.generate_mel(expanded, frames, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                       neighbours=expanded_nb, noise=noise)
+        wav = self.vocoder(mel.to(next(self.vocoder.parameters(), mel).dtype)).float()
+        wav = wav[..., : round(duration * self.sample_rate)]
+        scores = None
+        if n > 1:
+            wav, mel, scores = self._rerank(prompts, wav, mel, n)
+        flags = check_output(wav, allow_silent=allow_silent, names=prompts)
+        return Generation(wav.cpu(), mel.cpu(), self.sample_rate, prompts, scores, neighbours, flags)
+
+    def __call__(self, prompts: str | list[str], duration: float = 10.24, **kwargs: Any) -> list[torch.Tensor]:
+        """Waveforms (one 1-D tensor per prompt) at `sample_rate`."""
+        return list(self.generate(prompts, duration, **kwargs).wav)
+
+    def _rerank(self, prompts: list[str], wav: torch.Tensor, mel: torch.Tensor,
+                n: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        from tta.data.audio import resample
+
+        clap = self.module.model.text.clap
+        audio = resample(wav, self.sample_rate, clap.sample_rate)
+        sims = (clap.embed_audio(audio).float() * clap.embed_text(
+            [p for p in prompts for _ in range(n)]).float()).sum(-1).view(len(prompts), n)
+        best = sims.argmax(dim=1)
+        rows = torch.arange(len(prompts)) * n + best
+        return wav[rows], mel[rows], sims.max(dim=1).values.tolist()
+
+
+# ------------------------------------------------------------------------- folders
+def _stored_config(path: str | os.PathLike) -> dict[str, Any]:
+    from tta.utils.weights import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    text = ckpt.get("tta", {}).get("config")
+    if text is None:
+        raise KeyError(f"{path} holds no run config; it was not written by `tta fit`")
+    return {"config": yaml.safe_load(text), "state_dict": ckpt["state_dict"], "ema": ckpt.get("ema")}
+
+
+def _component_network(path: str, attr: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"the component checkpoint {path} recorded in the run config no longer exists")
+    net = _stored_config(path)["config"]["model"]["init_args"].get(attr)
+    if net is None:
+        raise KeyError(f"{path}: the stored config has no model.init_args.{attr}")
+    return net
+
+
+def self_contained_model_config(config: dict[str, Any], module: LatentDiffusionModule) -> dict[str, Any]:
+    """The ``model`` config with component checkpoints replaced by their network configs."""
+    init = dict(config["init_args"])
+    if init.get("vae_checkpoint"):
+        init["vae"] = _component_network(init.pop("vae_checkpoint"), "autoencoder")
+    if init.get("clap_checkpoint"):
+        init["clap"] = _component_network(init.pop("clap_checkpoint"), "clap")
+    init.pop("vae_checkpoint", None)
+    init.pop("clap_checkpoint", None)
+    init["scale_factor"] = module.codec.scale_factor
+    init["init_from"] = None
+    return {"class_path": config["class_path"], "init_args": init}
+
+
+def write_components(module: LatentDiffusionModule, vocoder: torch.nn.Module, out: Path) -> dict[str, str]:
+    """Write the module's `COMPONENTS` and the vocoder as safetensors files; their names by component."""
+    from safetensors.torch import save_file
+
+    from tta.utils.files import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    files: dict[str, str] = {}
+    for name, prefix in COMPONENTS.items():
+        taken = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
+        for k in taken:
+            state.pop(k)
+        files[name] = f"{name}.safetensors"
+        with atomic_path(out / files[name]) as tmp:
+            save_file(taken, str(tmp))
+    files["vocoder"] = "vocoder.safetensors"
+    with atomic_path(out / files["vocoder"]) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in vocoder.state_dict().items()}, str(tmp))
+    return files
+
+
+def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocoder: str = "universal",
+                    use_ema: bool = True, defaults: dict[str, Any] | None = None) -> Path:
+    """Write a pipeline folder from a ``latent_diffusion`` checkpoint and a vocoder spec."""
+    from tta.pipelines.vocoder import vocoder_spec
+    from tta.training.loading import load_trained
+    from tta.utils.files import atomic_path
+
+    stored = _stored_config(checkpoint)
+    module = load_trained(checkpoint, use_ema=use_ema and stored["ema"] is not None)
+    if not isinstance(module, LatentDiffusionModule):
+        raise TypeError(f"{checkpoint} is a {type(module).__name__} checkpoint, not a latent_diffusion one")
+    voc, voc_config = vocoder_spec(vocoder, module.mel_config)
+    out = Path(out)
+    files = write_components(module, voc, out)
+    retrieval = module.model.retrieval
+    meta = {
+        "format": FORMAT,
+        "kind": "latent_diffusion",
+        "mel": module.mel_config.to_dict(),
+        "model": self_contained_model_config(stored["config"]["model"], module),
+        "vocoder": voc_config,
+        "files": files,
+        "defaults": {**DEFAULTS, **(defaults or {})},
+        "retrieval": None if retrieval is None else {
+            "index": retrieval.index_dir, "features": retrieval.features_dir, "k": retrieval.k, "mode": retrieval.mode},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "ema": bool(use_ema and stored["ema"] is not None)},
+    }
+    with atomic_path(out / PIPELINE_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+    log.info("exported pipeline to %s", out)
+    return out
+
+
+def resolve_relative_paths(meta: dict[str, Any], folder: Path, source: Path | str) -> None:
+    """Make the entries named in ``meta["relative_paths"]`` absolute, in place.
+
+    Each entry is a ``/``-separated key path into ``meta`` (e.g.
+    ``model/init_args/clap/init_args/text_encoder/init_args/path``) whose value is a path
+    relative to the pipeline folder (files an importer copied into it).
+    """
+    for pointer in meta.get("relative_paths") or ():
+        *parents, last = str(pointer).split("/")
+        node: Any = meta
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(last), str):
+            raise KeyError(f"{source}: relative_paths entry {pointer!r} does not name a path string in the file")
+        node[last] = str(folder / node[last])
+
+
+def load_pipeline(path: str | os.PathLike, vocoder: str | None = None,
+                  device: torch.device | str = "cpu") -> TextToAudioPipeline:
+    """A `TextToAudioPipeline` from a pipeline folder, or from a ``latent_diffusion`` checkpoint
+    plus ``vocoder`` (``"universal"``, ``"griffinlim"`` or a ``hifigan`` checkpoint)."""
+    from safetensors.torch import load_file
+
+    from tta.pipelines.vocoder import build_vocoder_from_config, vocoder_spec
+    from tta.training.loading import build_model, load_trained
+    from tta.utils.weights import load_state_dict_strict
+
+    path = Path(path)
+    if path.is_file():
+        module = load_trained(path)
+        voc, _ = vocoder_spec(vocoder or "universal", module.mel_config)
+        return TextToAudioPipeline(module, voc).to(device)
+    meta_path = path / PIPELINE_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a pipeline folder (no {PIPELINE_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    resolve_relative_paths(meta, path, meta_path)
+    stored_mel = MelConfig.from_dict(meta["mel"])
+    module = build_model(meta["model"])
+    stored_mel.check_compatible(module.mel_config, f"{meta_path} and its model config")
+    state: dict[str, torch.Tensor] = {}
+    for name in COMPONENTS:
+        state.update(load_file(str(path / meta["files"][name])))
+    load_state_dict_strict(module, state, source=str(path))
+    voc = build_vocoder_from_config(meta["vocoder"])
+    if vocoder is None:
+        load_state_dict_strict(voc, load_file(str(path / meta["files"]["vocoder"])), source=str(path / "vocoder"))
+    else:
+        voc, _ = vocoder_spec(vocoder, module.mel_config)
+    return TextToAudioPipeline(module.eval(), voc, meta.get("defaults")).to(device)
