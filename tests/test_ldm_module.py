@@ -148,6 +148,9 @@ def test_tiny_overfit_loss_drops_and_sampling_works(bert: Path, batch: dict[str,
     assert torch.equal(mel, again)
     odd = module.generate_mel(["a bell rings"], 37, steps=2, guidance=1.0)  # not a multiple of any factor
     assert odd.shape == (1, 80, 37)
+    module.eval_steps = 2  # the `eval_metrics` callback's hook: waveforms of the requested length
+    wav = module.generate_for_eval(["a bell rings", "a dog barks"], ["a", "b"], 0.3)
+    assert wav.shape == (2, round(0.3 * 22050)) and torch.isfinite(wav).all()
 
 
 def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_path: Path,

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tta.encoders.text_hf import (
     read_config,
 )
 from tta.registry import register
+from tta.utils.files import atomic_dir
 from tta.utils.weights import (
     WeightMismatchError,
     describe_mismatch,
@@ -218,9 +218,7 @@ def export_clap_text_tower(folder: str | os.PathLike, out: str | os.PathLike) ->
         raise HFFolderError(f"CLAP folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     weights = read_clap_text(folder)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         RobertaConfig(**weights.roberta_config).save_pretrained(tmp)
         tower = {k[len("model.") :]: v.contiguous() for k, v in weights.text_state.items()}
         save_file(tower, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -228,12 +226,6 @@ def export_clap_text_tower(folder: str | os.PathLike, out: str | os.PathLike) ->
         save_file(projection, str(tmp / PROJECTION_FILE), metadata={"activation": weights.projection_act})
         for name in tokenizer_files:
             shutil.copy2(folder / name, tmp / name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported the CLAP text tower of %s to %s", folder, out)
     return out
 

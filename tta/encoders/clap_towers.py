@@ -47,6 +47,17 @@ def load_clap_network(
     return clap
 
 
+def _take_tower(tower: nn.Module, side: str, checkpoint: str, use_ema: bool, project: bool) -> None:
+    """Attach the ``side`` (audio/text) encoder of a CLAP checkpoint (and its projection) to ``tower``, frozen."""
+    clap = load_clap_network(checkpoint, use_ema=use_ema)
+    tower.checkpoint = str(checkpoint)
+    tower.project = bool(project)
+    tower.encoder = getattr(clap, f"{side}_encoder")
+    tower.projection = getattr(clap, f"{side}_projection") if project else None
+    tower.dim = int(clap.joint_dim if project else tower.encoder.dim)
+    tower.freeze()
+
+
 @register("encoder", "clap_audio_tower")
 class CLAPAudioTower(AudioEncoder):
     """Audio encoder of a CLAP checkpoint: waveform ``(B, T)`` -> `AudioEmbedding` (frozen).
@@ -57,25 +68,12 @@ class CLAPAudioTower(AudioEncoder):
         project: ``pooled`` = the normalised joint-space embedding instead of the tower's output.
     """
 
-    def __init__(
-        self, checkpoint: str, use_ema: bool = False, project: bool = False
-    ) -> None:
+    def __init__(self, checkpoint: str, use_ema: bool = False, project: bool = False) -> None:
         super().__init__()
-        clap = load_clap_network(checkpoint, use_ema=use_ema)
-        self.checkpoint = str(checkpoint)
-        self.project = bool(project)
-        self.encoder = clap.audio_encoder
-        self.projection = clap.audio_projection if project else None
+        _take_tower(self, "audio", checkpoint, use_ema, project)
         self.sample_rate = int(self.encoder.sample_rate)
-        self.dim = int(clap.joint_dim if project else self.encoder.dim)
-        self.freeze()
-        log.info(
-            "audio tower of %s: %s, dim %d, %d Hz",
-            checkpoint,
-            type(self.encoder).__name__,
-            self.dim,
-            self.sample_rate,
-        )
+        log.info("audio tower of %s: %s, dim %d, %d Hz", checkpoint, type(self.encoder).__name__, self.dim,
+                 self.sample_rate)
 
     def forward(self, wav: torch.Tensor) -> AudioEmbedding:
         out = self.encoder(wav)
@@ -96,24 +94,11 @@ class CLAPTextTower(TextEncoder):
         project: ``pooled`` = the normalised joint-space embedding instead of the tower's output.
     """
 
-    def __init__(
-        self, checkpoint: str, use_ema: bool = False, project: bool = False
-    ) -> None:
+    def __init__(self, checkpoint: str, use_ema: bool = False, project: bool = False) -> None:
         super().__init__()
-        clap = load_clap_network(checkpoint, use_ema=use_ema)
-        self.checkpoint = str(checkpoint)
-        self.project = bool(project)
-        self.encoder = clap.text_encoder
-        self.projection = clap.text_projection if project else None
-        self.dim = int(clap.joint_dim if project else self.encoder.dim)
+        _take_tower(self, "text", checkpoint, use_ema, project)
         self.seq_dim = int(self.encoder.dim)
-        self.freeze()
-        log.info(
-            "text tower of %s: %s, dim %d",
-            checkpoint,
-            type(self.encoder).__name__,
-            self.dim,
-        )
+        log.info("text tower of %s: %s, dim %d", checkpoint, type(self.encoder).__name__, self.dim)
 
     def forward(self, texts: list[str]) -> TextEmbedding:
         out = self.encoder(texts)

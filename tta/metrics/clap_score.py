@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tta.metrics.pairing import IdMetric
+from tta.metrics.pairing import IdMetric, PairedIdMetric
 from tta.registry import register
 
 __all__ = ["CLAPAudioScore", "CLAPScore", "clap_cosine"]
@@ -78,7 +78,7 @@ class CLAPScore(IdMetric):
 
 
 @register("metric", "clap_audio")
-class CLAPAudioScore(IdMetric):
+class CLAPAudioScore(PairedIdMetric):
     """Mean audio-audio cosine between generated clips and their targets (CLAP_A, eq. 8).
 
     ``update(x, ids, real)``: waveforms (with ``clap``) or CLAP audio embeddings of generated or
@@ -113,11 +113,3 @@ class CLAPAudioScore(IdMetric):
         ref_ids, ref = self.unique(self.ref_ids, self.ref_emb)
         i_gen, i_ref = self.pair_by_id(gen_ids, ref_ids)
         return gen_ids[i_gen], clap_cosine(gen[i_gen], ref[i_ref])
-
-    def compute(self) -> torch.Tensor:
-        return self._values()[1].mean()
-
-    def per_item(self) -> tuple[list[str], torch.Tensor]:
-        with self.synced():
-            hashes, values = self._values()
-        return [self.name_of(h) for h in hashes.tolist()], values

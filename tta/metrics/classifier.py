@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from tta.metrics.pairing import IdMetric
+from tta.metrics.pairing import IdMetric, PairedIdMetric
 from tta.registry import register
 
 __all__ = ["MMKL", "InceptionScore", "KLDivergence", "inception_score", "paired_kl"]
@@ -82,7 +82,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 
 @register("metric", "kl")
-class KLDivergence(IdMetric):
+class KLDivergence(PairedIdMetric):
     """Paired KL between reference and generated label distributions (a `torchmetrics.Metric`).
 
     ``update(logits, ids, real)``: logits ``(B, C)`` of reference (``real=True``) or generated
@@ -130,15 +130,6 @@ class KLDivergence(IdMetric):
         ref_ids, ref = self.unique(self.ref_ids, self.ref_logits)
         i_gen, i_ref = self.pair_by_id(gen_ids, ref_ids)
         return gen_ids[i_gen], paired_kl(ref[i_ref], gen[i_gen], self.variant)
-
-    def compute(self) -> torch.Tensor:
-        return self._values()[1].mean()
-
-    def per_item(self) -> tuple[list[str], torch.Tensor]:
-        """Clip ids and their KL values (float64), synced over ranks."""
-        with self.synced():
-            hashes, values = self._values()
-        return [self.name_of(h) for h in hashes.tolist()], values
 
 
 @register("metric", "mmkl")

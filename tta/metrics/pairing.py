@@ -124,3 +124,23 @@ class IdMetric(Metric):
         i_gen = torch.tensor([gen_pos[h] for h in order], dtype=torch.long)
         i_ref = torch.tensor([ref_pos[h] for h in order], dtype=torch.long)
         return i_gen, i_ref
+
+
+class PairedIdMetric(IdMetric):
+    """An `IdMetric` with one value per (generated, reference) pair, given by ``_values()``.
+
+    Subclasses implement ``_values() -> (hashes, values)``; ``compute`` is the mean over pairs and
+    `per_item` the per-clip values, both over every rank's items.
+    """
+
+    def _values(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self) -> torch.Tensor:
+        return self._values()[1].mean()
+
+    def per_item(self) -> tuple[list[str], torch.Tensor]:
+        """Clip ids and their values, synced over ranks."""
+        with self.synced():
+            hashes, values = self._values()
+        return [self.name_of(h) for h in hashes.tolist()], values

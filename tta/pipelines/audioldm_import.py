@@ -38,12 +38,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tta.data.mel import MelConfig
+from tta.utils.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -347,9 +347,7 @@ def import_audioldm(
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     schedule = schedule_from_diffusers(_read_json(scheduler_path), str(scheduler_path))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         unet, unet_config = _build_unet(root)
         vae, vae_config, scale = _build_vae(root, mel_config)
         _copy_text_encoder(root, tmp / TEXT_FOLDER)
@@ -387,11 +385,5 @@ def import_audioldm(
                        "diffusers_version": index.get("_diffusers_version")},
         }  # fmt: skip
         (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("imported the AudioLDM folder %s as the pipeline %s", root, out)
     return out

@@ -66,6 +66,14 @@ class TTAModule(L.LightningModule):
         """The network whose weights are averaged (the generator / autoencoder)."""
         raise NotImplementedError
 
+    def require_sample_rate(self, sample_rate: int, what: str) -> None:
+        """Raise unless ``what`` (an audio encoder) expects the mel front-end's (the data's) rate."""
+        if sample_rate != self.mel_config.sample_rate:
+            raise ValueError(
+                f"{type(self).__name__}: {what} expects {sample_rate} Hz but mel preset "
+                f"{self.mel_config.name!r} (the datamodule's audio) is {self.mel_config.sample_rate} Hz"
+            )
+
     def step_generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded by (seed, batches_trained, salt): noise that survives resume."""
         g = torch.Generator()

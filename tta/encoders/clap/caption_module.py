@@ -118,11 +118,7 @@ class ClapCaptionModule(TTAModule):
     ) -> None:
         super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
         self.save_hyperparameters(ignore=["captioner"])
-        if captioner.sample_rate != self.mel_config.sample_rate:
-            raise ValueError(
-                f"ClapCaptionModule: the CLAP audio tower expects {captioner.sample_rate} Hz but mel preset "
-                f"{self.mel_config.name!r} (the datamodule's audio) is {self.mel_config.sample_rate} Hz"
-            )
+        self.require_sample_rate(captioner.sample_rate, "the CLAP audio tower")
         self.captioner = captioner
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.val_captions, self.max_len = val_captions, max_len

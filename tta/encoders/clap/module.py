@@ -58,11 +58,7 @@ class CLAPModule(TTAModule):
     ) -> None:
         super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
         self.save_hyperparameters(ignore=["clap"])
-        if clap.sample_rate != self.mel_config.sample_rate:
-            raise ValueError(
-                f"CLAPModule: the audio encoder expects {clap.sample_rate} Hz but mel preset "
-                f"{self.mel_config.name!r} (the datamodule's audio) is {self.mel_config.sample_rate} Hz"
-            )
+        self.require_sample_rate(clap.sample_rate, "the audio encoder")
         self.clap = clap
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor

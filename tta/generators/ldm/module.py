@@ -64,6 +64,8 @@ class LatentDiffusionModule(TTAModule):
         lr, betas, weight_decay, warmup_steps: AdamW (Re-AudioLDM: lr 5e-5).
         init_from: a ``latent_diffusion`` checkpoint whose UNet initialises this one.
         val_timesteps: timesteps of the fixed validation loss.
+        eval_vocoder, eval_steps: vocoder (``griffinlim``, ``universal`` or a hifigan checkpoint)
+            and DPM-Solver++ steps of `generate_for_eval` (the ``eval_metrics`` callback).
     """
 
     def __init__(
@@ -89,6 +91,8 @@ class LatentDiffusionModule(TTAModule):
         warmup_steps: int = 0,
         init_from: str | None = None,
         val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
+        eval_vocoder: str = "griffinlim",
+        eval_steps: int = 25,
         ema_decay: float | None = None,
         grad_clip: float | None = 1.0,
         nan_max_skips: int = 10,
@@ -108,6 +112,8 @@ class LatentDiffusionModule(TTAModule):
         self.val_timesteps = tuple(int(t) for t in val_timesteps)
         if any(not 0 <= t < num_train_timesteps for t in self.val_timesteps):
             raise ValueError(f"val_timesteps {self.val_timesteps} must lie in [0, {num_train_timesteps})")
+        self.eval_vocoder, self.eval_steps = eval_vocoder, int(eval_steps)
+        self.__dict__["_eval_vocoder"] = None  # built on first use; not a submodule (not in checkpoints)
         if init_from is not None:
             self.init_unet_from(init_from)
 
@@ -228,6 +234,24 @@ class LatentDiffusionModule(TTAModule):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(captions), *shape)}")
         z = model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise)
         return self.codec.decode(z.to(next(self.codec.parameters()).dtype), frames)
+
+    @torch.no_grad()
+    def generate_for_eval(self, captions: list[str], ids: list[str], seconds: float) -> torch.Tensor:
+        """Waveforms ``(B, T)`` for the ``eval_metrics`` callback (a clip never retrieves itself)."""
+        from tta.pipelines.vocoder import vocoder_spec
+
+        if self.__dict__["_eval_vocoder"] is None:
+            self.__dict__["_eval_vocoder"] = vocoder_spec(self.eval_vocoder, self.mel_config)[0]
+        sr = self.mel_config.sample_rate
+        frames = math.ceil(round(seconds * sr) / self.mel_config.hop_length)
+        neighbours = None
+        if self.model.retrieval is not None:
+            neighbours = self.model.retrieval.query_neighbours(self.model.text.embed(captions),
+                                                               exclude=[{i} for i in ids])
+        mel = self.generate_mel(list(captions), frames, steps=self.eval_steps, sampler="dpmsolver++",
+                                neighbours=neighbours)
+        vocoder = self.__dict__["_eval_vocoder"].to(mel.device)
+        return vocoder(mel).float()[..., : round(seconds * sr)]
 
     def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """For the demo callback: the real mels and generations for their captions."""
