@@ -242,3 +242,14 @@ def test_eval_callback_logs_metrics_and_skips_modules_that_cannot_generate(
         _trainer(tmp_path, skip, epochs=2).fit(_Module())
     warnings = [r for r in caplog.records if "generate_for_eval" in r.getMessage()]
     assert len(warnings) == 1 and skip.last == {}
+
+
+def test_protocol_reads_generation_records_of_tta_generate() -> None:
+    from tta.evaluation.clips import Clip
+    from tta.evaluation.core import _known
+
+    clips = [Clip("a", extra={"generation": {"guidance": 3.5, "steps": 50}}),
+             Clip("b", extra={"generation": {"guidance": 3.5, "steps": 25}})]
+    assert _known(clips, "guidance") == 3.5
+    assert _known(clips, "steps") == [25, 50]
+    assert _known(clips, "sampler") is None

@@ -58,6 +58,9 @@ def test_export_generate_and_python_api(trained_ckpt: Path, tmp_path: Path, sing
         assert r["generation"]["steps"] == 3 and r["generation"]["guidance"] == 3.5
         assert r["duration"] == pytest.approx(0.5, abs=0.02)
 
+    with pytest.raises(ValueError, match="does not retrieve"):
+        main(["generate", "a bell", "--pipeline", str(pipe_dir), "--index", str(tmp_path), "--out", str(out)])
+
     from tta import load_pipeline
 
     pipe = load_pipeline(pipe_dir)

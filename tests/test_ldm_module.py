@@ -163,8 +163,47 @@ def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_p
                          init_from=str(ckpt))
     for k, v in plain.model.unet.state_dict().items():
         assert torch.equal(re_ldm.model.unet.state_dict()[k], v)
+    # a pipeline folder (e.g. an imported public AudioLDM) works the same way
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items() if k.startswith("model.unet.")},
+              str(folder / "unet.safetensors"))
+    (folder / "pipeline.json").write_text(json.dumps({"files": {"unet": "unet.safetensors"}}))
+    from_folder = make_module(bert, RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM),
+                              init_from=str(folder))
+    for k, v in plain.model.unet.state_dict().items():
+        assert torch.equal(from_folder.model.unet.state_dict()[k], v)
     other = tiny_unet_config()
     other["init_args"]["model_channels"] = 8
     with pytest.raises(KeyError, match="cannot initialise the UNet"):
         LatentDiffusionModule(unet=build(other), vae=build(tiny_vae_config()), scale_factor=1.0,
                               clap=build(tiny_clap_config(bert)), mel="demo", init_from=str(ckpt))
+
+
+def test_test_time_retrieval_queries_the_index_and_can_switch_index(bert: Path, tmp_path: Path,
+                                                                    single_thread: None) -> None:
+    from tta.retrieval.index import IndexSpec, build_index
+
+    from tests.ldm_fixtures import CLAP_DIM
+
+    ids = [f"c{i}" for i in range(8)] + [f"o{i}" for i in range(8)]
+    features, index = make_store_and_table(ids, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(8, CLAP_DIM, generator=g), dim=-1).numpy()  # noqa: E731
+    build_index(unit(), ids[:8], IndexSpec(type="flat")).save(index)
+    other = tmp_path / "other_index"
+    build_index(unit(), ids[8:], IndexSpec(type="flat")).save(other)
+    module = make_module(bert, RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM)).eval()
+    retrieval = module.model.retrieval
+    emb = module.model.text.embed(["a bell rings", "a dog barks"])
+    first = retrieval.query_neighbours(emb)
+    assert all(len(nb) == 2 and all(n.startswith("c") for n in nb) for nb in first)
+    assert retrieval.query_neighbours(emb, exclude=[{first[0][0]}, set()])[0][0] != first[0][0]
+    mel = module.generate_mel(["a bell rings", "a dog barks"], 12, steps=2)
+    assert mel.shape == (2, 80, 12) and torch.isfinite(mel).all()
+    retrieval.use_index(str(other))
+    assert all(n.startswith("o") for nb in retrieval.query_neighbours(emb) for n in nb)

@@ -149,7 +149,7 @@ def _generate_and_score(out: Path, module: Any, items: list[Any], clap: Any, jud
         return round(sum(sel) / len(sel), 3) if sel else None
 
     tail = set(classes) - head
-    evaluation = _yamnet_eval(out, test, wav, sr, clap, train_manifest)
+    evaluation = _yamnet_eval(out, test, wav, sr, clap, train_manifest, steps)
     return {
         "evaluation": evaluation,
         "prompts": len(test),
@@ -166,16 +166,17 @@ def _generate_and_score(out: Path, module: Any, items: list[Any], clap: Any, jud
     }
 
 
-def _yamnet_eval(out: Path, test: list[Any], wav: torch.Tensor, sr: int, clap: Any,
-                 train_manifest: Path) -> dict[str, Any]:
+def _yamnet_eval(out: Path, test: list[Any], wav: torch.Tensor, sr: int, clap: Any, train_manifest: Path,
+                 steps: int) -> dict[str, Any]:
     """FAD / KL / IS with the YAMNet embedder-classifier and CLAP score with the demo CLAP
     (`tta.evaluation.evaluate`, which also writes ``eval.json``, ``eval.md`` and plots)."""
     from tta.evaluation import evaluate
     from tta.evaluation.clips import Clip
     from tta.metrics.embedders import YAMNetEmbedder
 
-    generated = [Clip(it.id, list(it.captions), list(it.labels), wav=wav[i].cpu(), sample_rate=sr)
-                 for i, it in enumerate(test)]
+    generation = {"guidance": 3.5, "steps": steps, "sampler": "dpmsolver++"}
+    generated = [Clip(it.id, list(it.captions), list(it.labels), wav=wav[i].cpu(), sample_rate=sr,
+                      extra={"generation": generation}) for i, it in enumerate(test)]
     reference = [Clip.from_item(it) for it in test]
     report = evaluate(generated, reference, metrics=("fad", "kl", "is", "clap"), embedder=YAMNetEmbedder(), clap=clap,
                       out_dir=out / "eval", train_manifest=train_manifest, seconds=3.0, cache_reference=False,

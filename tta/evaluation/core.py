@@ -84,10 +84,10 @@ def _clap_info(clap: Any) -> dict[str, Any]:
 
 
 def _known(clips: list[Clip], *keys: str) -> Any:
-    """The value of the first of ``keys`` found in the clips' extra fields (a sorted list if they differ)."""
-    values = sorted(
-        {json.dumps(c.extra[k]) for c in clips for k in keys if k in c.extra}
-    )
+    """The value of the first of ``keys`` found in the clips' extra fields, or in their
+    ``generation`` record (as `tta generate` writes it); a sorted list if they differ."""
+    fields = [{**(c.extra.get("generation") or {}), **c.extra} for c in clips]
+    values = sorted({json.dumps(f[k]) for f in fields for k in keys if k in f})
     if not values:
         return None
     return (

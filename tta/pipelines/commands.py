@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--index", type=Path, help="retrieve from this `tta index build` directory (Re-AudioLDM)")
     p.add_argument("--allow-silent", action="store_true", help="write silent clips (with a warning) instead of failing")
     p.add_argument("--out", type=Path, default=Path("generations"))
     return p
@@ -51,6 +52,11 @@ def generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
+    if args.index is not None:
+        retrieval = pipe.module.model.retrieval
+        if retrieval is None:
+            raise ValueError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
+        retrieval.use_index(str(args.index))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(prompts), args.batch_size):

@@ -18,8 +18,10 @@ zero-initialised output projection makes the fine-tuned model start exactly at A
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,10 +151,19 @@ class LatentDiffusionModule(TTAModule):
         return self
 
     def init_unet_from(self, path: str) -> None:
-        """Copy a trained UNet's weights; only the retrieval cross-attention may be new."""
+        """Copy a trained UNet's weights from a ``latent_diffusion`` checkpoint or a pipeline folder
+        (e.g. an imported public AudioLDM); only the retrieval cross-attention may be new."""
         from tta.utils.weights import load_checkpoint
 
-        state = load_checkpoint(path)["state_dict"]
+        if Path(path).is_dir():
+            from safetensors.torch import load_file
+
+            meta_path = Path(path) / "pipeline.json"
+            if not meta_path.is_file():
+                raise FileNotFoundError(f"init_from={path} is a folder without pipeline.json")
+            state = load_file(str(Path(path) / json.loads(meta_path.read_text())["files"]["unet"]))
+        else:
+            state = load_checkpoint(path)["state_dict"]
         prefix = "model.unet."
         source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not source:

@@ -124,6 +124,10 @@ class RetrievalConditioner(nn.Module):
             self._index = EmbeddingIndex.load(Path(self.index_dir))
         return self._index
 
+    def use_index(self, index: str) -> None:
+        """Retrieve from another ``tta index build`` directory at test time (same CLAP space)."""
+        self.index_dir, self._index, self._table = str(index), None, None
+
     # -------------------------------------------------------------- neighbour choice
     def training_neighbours(self, ids: Sequence[str]) -> list[list[str]]:
         """The first k table neighbours of each training clip, never the clip itself."""
