@@ -172,7 +172,7 @@ def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_p
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in plain.state_dict().items() if k.startswith("model.unet.")},
               str(folder / "unet.safetensors"))
-    (folder / "pipeline.json").write_text(json.dumps({"files": {"unet": "unet.safetensors"}}))
+    (folder / "pipeline.json").write_text(json.dumps({"format": "tta-pipeline/1", "files": {"unet": "unet.safetensors"}}))
     from_folder = make_module(bert, RetrievalConditioner(str(features), str(index), k=2, context_dim=CTX_DIM),
                               init_from=str(folder))
     for k, v in plain.model.unet.state_dict().items():

@@ -72,9 +72,7 @@ def generate(args: argparse.Namespace) -> int:
                 "id": clip_id, "audio": f"{clip_id}.wav", "captions": [prompt], "split": "generated",
                 "duration": gen.wav.shape[-1] / gen.sample_rate, "sample_rate": gen.sample_rate,
                 "generation": {
-                    "pipeline": str(args.pipeline), "seed": args.seed + start, "steps": args.steps or pipe.defaults["steps"],
-                    "guidance": args.guidance if args.guidance is not None else pipe.defaults["guidance"],
-                    "sampler": args.sampler or pipe.defaults["sampler"],
+                    "pipeline": str(args.pipeline), "seed": args.seed + start, **gen.settings,
                     "neighbours": None if gen.neighbours is None else gen.neighbours[j],
                     "clap_score": None if gen.clap_scores is None else gen.clap_scores[j],
                 },

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from tta.data.mel import MelConfig
 from tta.generators.ldm.module import LatentDiffusionModule
@@ -57,6 +55,7 @@ class Generation:
     clap_scores: list[float] | None = None
     neighbours: list[list[str]] | None = None
     flags: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # steps, sampler, guidance, candidates used
 
 
 class TextToAudioPipeline:
@@ -88,10 +87,8 @@ class TextToAudioPipeline:
         return self
 
     def frames_for(self, duration: float) -> int:
-        """Mel frames covering ``duration`` seconds (the waveform is cropped to it exactly)."""
-        if not duration > 0:
-            raise ValueError(f"duration must be positive, got {duration}")
-        return max(1, math.ceil(round(duration * self.sample_rate) / self.mel_config.hop_length))
+        """Mel frames covering ``duration`` seconds (see `LatentDiffusionModule.frames_for`)."""
+        return self.module.frames_for(duration)
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], duration: float = 10.24, steps: int | None = None,
@@ -126,7 +123,8 @@ class TextToAudioPipeline:
         if n > 1:
             wav, mel, scores = self._rerank(prompts, wav, mel, n)
         flags = check_output(wav, allow_silent=allow_silent, names=prompts)
-        return Generation(wav.cpu(), mel.cpu(), self.sample_rate, prompts, scores, neighbours, flags)
+        settings = {"steps": steps, "sampler": sampler, "guidance": guidance, "candidates": n}
+        return Generation(wav.cpu(), mel.cpu(), self.sample_rate, prompts, scores, neighbours, flags, settings)
 
     def __call__(self, prompts: str | list[str], duration: float = 10.24, **kwargs: Any) -> list[torch.Tensor]:
         """Waveforms (one 1-D tensor per prompt) at `sample_rate`."""
@@ -146,20 +144,13 @@ class TextToAudioPipeline:
 
 
 # ------------------------------------------------------------------------- folders
-def _stored_config(path: str | os.PathLike) -> dict[str, Any]:
+def _component_network(path: str, attr: str) -> dict[str, Any]:
+    from tta.training.loading import model_config
     from tta.utils.weights import load_checkpoint
 
-    ckpt = load_checkpoint(path)
-    text = ckpt.get("tta", {}).get("config")
-    if text is None:
-        raise KeyError(f"{path} holds no run config; it was not written by `tta fit`")
-    return {"config": yaml.safe_load(text), "state_dict": ckpt["state_dict"], "ema": ckpt.get("ema")}
-
-
-def _component_network(path: str, attr: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"the component checkpoint {path} recorded in the run config no longer exists")
-    net = _stored_config(path)["config"]["model"]["init_args"].get(attr)
+    net = model_config(load_checkpoint(path), path)["init_args"].get(attr)
     if net is None:
         raise KeyError(f"{path}: the stored config has no model.init_args.{attr}")
     return net
@@ -168,12 +159,10 @@ def _component_network(path: str, attr: str) -> dict[str, Any]:
 def self_contained_model_config(config: dict[str, Any], module: LatentDiffusionModule) -> dict[str, Any]:
     """The ``model`` config with component checkpoints replaced by their network configs."""
     init = dict(config["init_args"])
-    if init.get("vae_checkpoint"):
-        init["vae"] = _component_network(init.pop("vae_checkpoint"), "autoencoder")
-    if init.get("clap_checkpoint"):
-        init["clap"] = _component_network(init.pop("clap_checkpoint"), "clap")
-    init.pop("vae_checkpoint", None)
-    init.pop("clap_checkpoint", None)
+    for key, network, attr in (("vae_checkpoint", "vae", "autoencoder"), ("clap_checkpoint", "clap", "clap")):
+        path = init.pop(key, None)
+        if path:
+            init[network] = _component_network(path, attr)
     init["scale_factor"] = module.codec.scale_factor
     init["init_from"] = None
     return {"class_path": config["class_path"], "init_args": init}
@@ -205,11 +194,13 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocod
                     use_ema: bool = True, defaults: dict[str, Any] | None = None) -> Path:
     """Write a pipeline folder from a ``latent_diffusion`` checkpoint and a vocoder spec."""
     from tta.pipelines.vocoder import vocoder_spec
-    from tta.training.loading import load_trained
+    from tta.training.loading import model_config, trained_from_checkpoint
     from tta.utils.files import atomic_path
+    from tta.utils.weights import load_checkpoint
 
-    stored = _stored_config(checkpoint)
-    module = load_trained(checkpoint, use_ema=use_ema and stored["ema"] is not None)
+    ckpt = load_checkpoint(checkpoint)
+    use_ema = use_ema and ckpt.get("ema") is not None
+    module = trained_from_checkpoint(ckpt, checkpoint, use_ema=use_ema)
     if not isinstance(module, LatentDiffusionModule):
         raise TypeError(f"{checkpoint} is a {type(module).__name__} checkpoint, not a latent_diffusion one")
     voc, voc_config = vocoder_spec(vocoder, module.mel_config)
@@ -220,13 +211,13 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocod
         "format": FORMAT,
         "kind": "latent_diffusion",
         "mel": module.mel_config.to_dict(),
-        "model": self_contained_model_config(stored["config"]["model"], module),
+        "model": self_contained_model_config(model_config(ckpt, checkpoint), module),
         "vocoder": voc_config,
         "files": files,
         "defaults": {**DEFAULTS, **(defaults or {})},
         "retrieval": None if retrieval is None else {
             "index": retrieval.index_dir, "features": retrieval.features_dir, "k": retrieval.k, "mode": retrieval.mode},
-        "source": {"checkpoint": str(Path(checkpoint).resolve()), "ema": bool(use_ema and stored["ema"] is not None)},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "ema": use_ema},
     }
     with atomic_path(out / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
@@ -251,12 +242,30 @@ def resolve_relative_paths(meta: dict[str, Any], folder: Path, source: Path | st
         node[last] = str(folder / node[last])
 
 
+def read_pipeline_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """``pipeline.json`` of a pipeline folder (format checked, relative paths resolved)."""
+    folder = Path(folder)
+    meta_path = folder / PIPELINE_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} is neither a checkpoint nor a pipeline folder (no {PIPELINE_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    resolve_relative_paths(meta, folder, meta_path)
+    return meta
+
+
+def component_state(folder: str | os.PathLike, meta: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The state dict of component ``name`` (``unet``, ``vae``, ...) of a pipeline folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / meta["files"][name]))
+
+
 def load_pipeline(path: str | os.PathLike, vocoder: str | None = None,
                   device: torch.device | str = "cpu") -> TextToAudioPipeline:
     """A `TextToAudioPipeline` from a pipeline folder, or from a ``latent_diffusion`` checkpoint
     plus ``vocoder`` (``"universal"``, ``"griffinlim"`` or a ``hifigan`` checkpoint)."""
-    from safetensors.torch import load_file
-
     from tta.pipelines.vocoder import build_vocoder_from_config, vocoder_spec
     from tta.training.loading import build_model, load_trained
     from tta.utils.weights import load_state_dict_strict
@@ -266,23 +275,16 @@ def load_pipeline(path: str | os.PathLike, vocoder: str | None = None,
         module = load_trained(path)
         voc, _ = vocoder_spec(vocoder or "universal", module.mel_config)
         return TextToAudioPipeline(module, voc).to(device)
-    meta_path = path / PIPELINE_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a pipeline folder (no {PIPELINE_FILE})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    resolve_relative_paths(meta, path, meta_path)
-    stored_mel = MelConfig.from_dict(meta["mel"])
+    meta = read_pipeline_meta(path)
     module = build_model(meta["model"])
-    stored_mel.check_compatible(module.mel_config, f"{meta_path} and its model config")
+    MelConfig.from_dict(meta["mel"]).check_compatible(module.mel_config, f"{path / PIPELINE_FILE} and its model config")
     state: dict[str, torch.Tensor] = {}
     for name in COMPONENTS:
-        state.update(load_file(str(path / meta["files"][name])))
+        state.update(component_state(path, meta, name))
     load_state_dict_strict(module, state, source=str(path))
     voc = build_vocoder_from_config(meta["vocoder"])
     if vocoder is None:
-        load_state_dict_strict(voc, load_file(str(path / meta["files"]["vocoder"])), source=str(path / "vocoder"))
+        load_state_dict_strict(voc, component_state(path, meta, "vocoder"), source=str(path / "vocoder"))
     else:
         voc, _ = vocoder_spec(vocoder, module.mel_config)
     return TextToAudioPipeline(module.eval(), voc, meta.get("defaults")).to(device)

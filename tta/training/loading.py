@@ -8,6 +8,7 @@ same classes, loads the weights strictly and restores tta's counters and EMA.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -43,23 +44,33 @@ def build_model(model_config: dict[str, Any]) -> L.LightningModule:
     return build_network(model_config, L.LightningModule)
 
 
-def load_trained(path: str | os.PathLike, use_ema: bool = False, map_location: str = "cpu") -> L.LightningModule:
-    """The module saved in checkpoint ``path`` in eval mode (EMA weights with ``use_ema``)."""
-    ckpt = load_checkpoint(path, map_location=map_location)
+def model_config(ckpt: Mapping[str, Any], source: str | os.PathLike) -> dict[str, Any]:
+    """The ``model`` section of the run config stored in a loaded checkpoint (``checkpoint["tta"]["config"]``)."""
     text = ckpt.get("tta", {}).get("config")
     if text is None:
         raise CheckpointConfigError(
-            f"{path} holds no run config (checkpoint['tta']['config']); it was not written by `tta fit`"
+            f"{source} holds no run config (checkpoint['tta']['config']); it was not written by `tta fit`"
         )
     config = yaml.safe_load(text)
     if "model" not in config:
-        raise CheckpointConfigError(f"{path}: the stored config has no 'model' section")
-    model = build_model(config["model"])
-    load_state_dict_strict(model, ckpt["state_dict"], source=str(path))
+        raise CheckpointConfigError(f"{source}: the stored config has no 'model' section")
+    return config["model"]
+
+
+def load_trained(path: str | os.PathLike, use_ema: bool = False, map_location: str = "cpu") -> L.LightningModule:
+    """The module saved in checkpoint ``path`` in eval mode (EMA weights with ``use_ema``)."""
+    return trained_from_checkpoint(load_checkpoint(path, map_location=map_location), path, use_ema)
+
+
+def trained_from_checkpoint(ckpt: Mapping[str, Any], source: str | os.PathLike,
+                            use_ema: bool = False) -> L.LightningModule:
+    """`load_trained` for a checkpoint already read (``source`` names it in errors)."""
+    model = build_model(model_config(ckpt, source))
+    load_state_dict_strict(model, ckpt["state_dict"], source=str(source))
     model.on_load_checkpoint(ckpt)
     if use_ema:
         ema = getattr(model, "ema", None)
         if ema is None:
-            raise CheckpointConfigError(f"{path} holds no EMA weights (trained with ema_decay=None)")
+            raise CheckpointConfigError(f"{source} holds no EMA weights (trained with ema_decay=None)")
         ema.copy_to(model.ema_target())
     return model.eval()

@@ -51,11 +51,6 @@ class Conditioning:
             )
         return Conditioning(film, context)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
-        """Move tensors (masks keep their dtype)."""
-        film = None if self.film is None else self.film.to(device, dtype)
-        return Conditioning(film, {k: (s.to(device, dtype), m.to(device)) for k, (s, m) in self.context.items()})
-
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     if x.shape[1] == length:

@@ -18,7 +18,6 @@ zero-initialised output projection makes the fine-tuned model start exactly at A
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -156,12 +155,9 @@ class LatentDiffusionModule(TTAModule):
         from tta.utils.weights import load_checkpoint
 
         if Path(path).is_dir():
-            from safetensors.torch import load_file
+            from tta.pipelines.ldm import component_state, read_pipeline_meta
 
-            meta_path = Path(path) / "pipeline.json"
-            if not meta_path.is_file():
-                raise FileNotFoundError(f"init_from={path} is a folder without pipeline.json")
-            state = load_file(str(Path(path) / json.loads(meta_path.read_text())["files"]["unet"]))
+            state = component_state(path, read_pipeline_meta(path), "unet")
         else:
             state = load_checkpoint(path)["state_dict"]
         prefix = "model.unet."
@@ -228,6 +224,12 @@ class LatentDiffusionModule(TTAModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     # ------------------------------------------------------------------ sampling
+    def frames_for(self, seconds: float) -> int:
+        """Mel frames covering ``seconds`` of audio (the vocoded waveform is then cropped to it)."""
+        if not seconds > 0:
+            raise ValueError(f"duration must be positive, got {seconds}")
+        return max(1, math.ceil(round(seconds * self.mel_config.sample_rate) / self.mel_config.hop_length))
+
     @torch.no_grad()
     def generate_mel(self, captions: list[str], frames: int, steps: int = 50, sampler: str = "ddim",
                      guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
@@ -253,16 +255,14 @@ class LatentDiffusionModule(TTAModule):
 
         if self.__dict__["_eval_vocoder"] is None:
             self.__dict__["_eval_vocoder"] = vocoder_spec(self.eval_vocoder, self.mel_config)[0]
-        sr = self.mel_config.sample_rate
-        frames = math.ceil(round(seconds * sr) / self.mel_config.hop_length)
         neighbours = None
         if self.model.retrieval is not None:
             neighbours = self.model.retrieval.query_neighbours(self.model.text.embed(captions),
                                                                exclude=[{i} for i in ids])
-        mel = self.generate_mel(list(captions), frames, steps=self.eval_steps, sampler="dpmsolver++",
-                                neighbours=neighbours)
+        mel = self.generate_mel(list(captions), self.frames_for(seconds), steps=self.eval_steps,
+                                sampler="dpmsolver++", neighbours=neighbours)
         vocoder = self.__dict__["_eval_vocoder"].to(mel.device)
-        return vocoder(mel).float()[..., : round(seconds * sr)]
+        return vocoder(mel).float()[..., : round(seconds * self.mel_config.sample_rate)]
 
     def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """For the demo callback: the real mels and generations for their captions."""

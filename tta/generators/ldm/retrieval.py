@@ -67,11 +67,12 @@ class RetrievalConditioner(nn.Module):
         self._store: Any = None
         self._index: Any = None
         self._table: Any = None
-        if (mode != "text" and audio_dim is None) or (mode != "audio" and text_dim is None):
-            meta = _dims(self.store)
-            audio_dim = meta.get("audio") if audio_dim is None else audio_dim
-            text_dim = meta.get("text") if text_dim is None else text_dim
         self.audio_dim, self.text_dim = audio_dim, text_dim
+        if (mode != "text" and audio_dim is None) or (mode != "audio" and text_dim is None):
+            dims = _dims(self.store)  # opening the store checks the widths that were given
+            self.audio_dim = dims["audio"] if audio_dim is None else audio_dim
+            self.text_dim = dims["text"] if text_dim is None else text_dim
+        audio_dim, text_dim = self.audio_dim, self.text_dim
         self.audio_proj = nn.Linear(int(audio_dim), context_dim) if mode in ("both", "audio") else None
         self.text_proj = nn.Linear(int(text_dim), context_dim) if mode in ("both", "text") else None
 
