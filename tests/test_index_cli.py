@@ -41,3 +41,8 @@ def test_index_build_and_search(clap_ckpt: Path, tiny_synth: Path, tmp_path: Pat
     assert printed.count("synth_") == 3
     with pytest.raises(IndexMismatchError, match="embedding model"):
         EmbeddingIndex.load(out, expect_model_hash="0" * 64)
+    lean = tmp_path / "lean"
+    assert main(["index", "build", "--manifest", str(tiny_synth), "--clap", str(clap_ckpt), "--out", str(lean),
+                 "--type", "ivfsq", "--nbits", "6", "--nlist", "2", "--nprobe", "2", "--neighbours", "3"]) == 0
+    spec = json.loads((lean / "meta.json").read_text())["spec"]
+    assert (spec["type"], spec["nbits"], spec["nlist"], spec["nprobe"]) == ("ivfsq", 6, 2, 2)

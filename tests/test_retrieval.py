@@ -216,6 +216,8 @@ def test_bad_inputs_have_clear_errors(flat: EmbeddingIndex) -> None:
         IndexSpec(type="lsh")
     with pytest.raises(ValueError, match="ivfsq supports nbits 4, 6, 8, not 5"):
         IndexSpec(type="ivfsq5")
+    with pytest.raises(ValueError, match="'ivfsq8' means nbits=8, but nbits=6 was given"):
+        IndexSpec(type="ivfsq8", nbits=6)
     with pytest.raises(ValueError, match="m dividing the dimension"):
         build_index(X, IDS, IndexSpec(type="ivfpq", m=5), meta=META)
     with pytest.raises(ValueError, match=r"meta\['dim'\] = 64 disagrees"):

@@ -31,7 +31,8 @@ def build(args: argparse.Namespace) -> int:
 
     clap = _load_clap(args.clap)
     store = embed_manifest(clap, args.manifest, splits=args.splits, clip_seconds=args.clip_seconds)
-    spec = IndexSpec(type=args.type) if args.type else IndexSpec()
+    knobs = {name: getattr(args, name) for name in ("nbits", "nlist", "nprobe") if getattr(args, name) is not None}
+    spec = IndexSpec(**({"type": args.type} if args.type else {}), **knobs)
     meta = {
         "embedding_model": file_hash(args.clap),
         "embedding_checkpoint": str(Path(args.clap).resolve()),
@@ -88,6 +89,10 @@ def main(argv: list[str]) -> int:
     b.add_argument("--type", choices=("flat", "ivf", "ivfsq", "ivfsq8", "ivfsq6", "ivfsq4", "ivfpq", "ivfrabitq", "hnsw"),
                    default=None,
                    help="index type (default: the benchmarked default of IndexSpec)")
+    b.add_argument("--nbits", type=int, default=None,
+                   help="bits a dimension (ivfsq: 4/6/8, ivfrabitq: 1-9) or per PQ sub-quantizer (ivfpq)")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default: ~2 sqrt(N), a power of two)")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: calibrated at build)")
     b.add_argument("--shards", type=int, default=1)
     b.add_argument("--splits", nargs="*", default=None, help="manifest splits to index (default: all)")
     b.add_argument("--clip-seconds", type=float, default=None, help="embed only the first N seconds")

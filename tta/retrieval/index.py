@@ -82,6 +82,8 @@ class IndexSpec:
         kind = "ivf" if kind == "ivfflat" else kind
         if kind.startswith("ivfsq") and kind[5:].isdigit():
             kind, bits = "ivfsq", int(kind[5:])
+            if self.nbits is not None and self.nbits != bits:
+                raise ValueError(f"index type {self.type!r} means nbits={bits}, but nbits={self.nbits} was given")
             object.__setattr__(self, "nbits", bits)
         if kind not in INDEX_TYPES:
             raise ValueError(f"unknown index type {self.type!r}; choose one of {', '.join(INDEX_TYPES)} or ivfsq4/6/8")
