@@ -44,7 +44,9 @@ LOCAL_WEIGHTS = {"clap.yaml": ("--model.init_args.clap.init_args.text_encoder.in
                  "retrieval_features.yaml": ("--model.init_args.text_encoder.init_args.path", "t5")}
 
 
-def ldm_overrides(path: Path, tmp_path: Path) -> list[str]:
+def ldm_overrides(path: Path, tmp_path: Path, ids: list[str] | None = None) -> list[str]:
+    """CLI overrides pointing an (Re-)AudioLDM config at tiny VAE / CLAP checkpoints and, for
+    Re-AudioLDM, a feature store and neighbour table over ``ids`` (default: 12 made-up clips)."""
     import yaml
 
     from tests.ldm_fixtures import CLAP_DIM, component_checkpoints, make_store_and_table
@@ -54,7 +56,7 @@ def ldm_overrides(path: Path, tmp_path: Path) -> list[str]:
     out = [f"--model.init_args.vae_checkpoint={vae}", f"--model.init_args.clap_checkpoint={clap}",
            f"--model.init_args.unet.init_args.film_dim={CLAP_DIM}"]
     if model.get("retrieval"):
-        features, index = make_store_and_table([f"c{i}" for i in range(12)], tmp_path, k=10)
+        features, index = make_store_and_table(ids or [f"c{i}" for i in range(12)], tmp_path, k=10)
         retrieval = model["retrieval"]["init_args"]
         assert retrieval["audio_dim"] and retrieval["text_dim"], "paper configs give the feature widths"
         out += [f"--model.init_args.retrieval.init_args.features={features}",

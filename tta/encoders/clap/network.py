@@ -17,6 +17,20 @@ from tta.encoders.base import AudioEncoder, TextEncoder
 from tta.registry import register
 
 
+def pooled_text(encoder: TextEncoder, texts: list[str], cache: dict[str, torch.Tensor] | None,
+                device: torch.device) -> torch.Tensor:
+    """``(B, dim)`` pooled text vectors; a frozen ``encoder``'s are memoised per caption in
+    ``cache`` (None: no memo). Entries are read onto ``device``, so a module moved after caching
+    (CPU -> GPU) still gets its vectors where its projection lives."""
+    if cache is None or not getattr(encoder, "frozen", False):
+        return encoder(texts).pooled
+    missing = [t for t in dict.fromkeys(texts) if t not in cache]
+    if missing:
+        with torch.no_grad():
+            cache.update(zip(missing, encoder(missing).pooled.detach(), strict=True))
+    return torch.stack([cache[t].to(device) for t in texts])
+
+
 class Projection(nn.Module):
     """Projection head into the joint space.
 
@@ -105,14 +119,8 @@ class CLAP(nn.Module):
         return F.normalize(self.audio_projection(self.audio_encoder(wav).pooled), dim=-1)
 
     def _pooled_text(self, texts: list[str]) -> torch.Tensor:
-        if not (self.cache_frozen_text and self.text_encoder.frozen):
-            return self.text_encoder(texts).pooled
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                pooled = self.text_encoder(missing).pooled.detach()
-            self._text_cache.update(zip(missing, pooled))
-        return torch.stack([self._text_cache[t] for t in texts])
+        return pooled_text(self.text_encoder, texts, self._text_cache if self.cache_frozen_text else None,
+                           self.logit_scale.device)
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """Captions -> normalised joint embeddings ``(B, joint_dim)``."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.encoders.base import TextEncoder
-from tta.encoders.clap.network import Projection
+from tta.encoders.clap.network import Projection, pooled_text
 from tta.registry import register
 
 
@@ -73,14 +73,8 @@ class ClapTextOnly(nn.Module):
         return self.eval()
 
     def _pooled_text(self, texts: list[str]) -> torch.Tensor:
-        if not (self.cache_frozen_text and getattr(self.text_encoder, "frozen", False)):
-            return self.text_encoder(texts).pooled
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                pooled = self.text_encoder(missing).pooled.detach()
-            self._text_cache.update(zip(missing, pooled, strict=True))
-        return torch.stack([self._text_cache[t] for t in texts])
+        device = next(self.text_projection.parameters()).device
+        return pooled_text(self.text_encoder, texts, self._text_cache if self.cache_frozen_text else None, device)
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """Captions -> L2-normalised joint embeddings ``(B, joint_dim)``."""

@@ -45,11 +45,13 @@ class DiagonalGaussian:
         return self.mean.shape
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample ``mean + std * eps`` (differentiable w.r.t. the parameters)."""
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * eps
+        """Reparameterised sample ``mean + std * eps`` (differentiable w.r.t. the parameters).
+
+        ``eps`` is drawn on the generator's device (tta's seeded generators live on the CPU, so a
+        seed gives the same sample on every device) and moved to the parameters' device."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=torch.float32)
+        return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         """The mean (the mode of a Gaussian)."""
