@@ -30,17 +30,22 @@ def _manifest_ids(manifest: Path) -> list[str]:
     return [json.loads(line)["id"] for line in manifest.read_text().splitlines() if line.strip()]
 
 
-def fit_bf16(config: str, root: Path, manifest: Path, *overrides: str, steps: int = 4) -> dict[str, Any]:
-    """``tta fit`` of a demo config on ``ACCEL`` in bf16-mixed for ``steps`` batches; returns the
-    last checkpoint after checking that every stored float tensor is finite."""
+def fit_bf16(config: str, root: Path, manifest: Path, *overrides: str, steps: int = 4,
+             callbacks: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """``tta fit`` of a demo config on ``ACCEL`` in bf16-mixed for ``steps`` batches (validation
+    every 2, metrics in ``root/metrics.csv``); returns the last checkpoint after checking that
+    every stored float tensor is finite."""
     ck = root / "ck"
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(ck), "save_last": True}}
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(root), "name": "", "version": ""}}
     args = ["fit", "--config", str(CONFIGS / "demo" / config), f"--trainer.default_root_dir={root}",
             f"--trainer.accelerator={ACCEL}", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
             f"--trainer.max_steps={steps}", "--trainer.max_time=null", "--trainer.val_check_interval=2",
             "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=1",
-            "--trainer.num_sanity_val_steps=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
-            '"init_args": {"dirpath": "' + str(ck) + '", "save_last": true}}]',
+            "--trainer.num_sanity_val_steps=0", f"--trainer.logger={json.dumps(logger)}",
+            "--trainer.enable_progress_bar=false", f"--trainer.callbacks={json.dumps([checkpoint, *callbacks])}",
             f"--data.init_args.manifest={manifest}", *overrides]
     assert main(args) == 0
     ckpt = torch.load(ck / "last.ckpt", weights_only=True, map_location="cpu")
@@ -73,17 +78,27 @@ def test_clap_trains_in_bf16(tiny_synth: Path, tmp_path: Path) -> None:
 def re_audioldm_ckpt(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Re-AudioLDM (tiny frozen VAE / CLAP, a feature store over the manifest's clips) trained in
     bf16-mixed on ``ACCEL``."""
-    from tests.test_cli import ldm_overrides
-
-    root = tmp_path_factory.mktemp("re_audioldm")
-    overrides = ldm_overrides(CONFIGS / "demo" / "re_audioldm.yaml", root, ids=_manifest_ids(tiny_synth))
-    fit_bf16("re_audioldm.yaml", root, tiny_synth, *overrides, "--data.init_args.segment_seconds=0.75")
     from tests.ldm_fixtures import CLAP_DIM
+    from tests.test_cli import ldm_overrides
     from tta.retrieval.index import IndexSpec, build_index
 
-    ids = _manifest_ids(tiny_synth)  # the test-time index `tta generate` queries with CLAP text embeddings
-    unit = torch.nn.functional.normalize(torch.randn(len(ids), CLAP_DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
-    build_index(unit.numpy(), ids, IndexSpec(type="flat")).save(root / "index")
+    root = tmp_path_factory.mktemp("re_audioldm")
+    ids = _manifest_ids(tiny_synth)
+    overrides = ldm_overrides(CONFIGS / "demo" / "re_audioldm.yaml", root, ids=ids)
+    # the test-time index that generation (eval callback, `tta generate`) queries with CLAP text embeddings
+    unit = torch.randn(len(ids), CLAP_DIM, generator=torch.Generator().manual_seed(0))
+    build_index(torch.nn.functional.normalize(unit, dim=-1).numpy(), ids, IndexSpec(type="flat")).save(root / "index")
+    # the eval_metrics callback: generate_for_eval (DPM-Solver++) and CLAP score / PSNR on the device
+    scores = {"class_path": "tta.training.eval_callback.EvalMetricsCallback",
+              "init_args": {"manifest": str(tiny_synth), "split": None, "n_clips": 2, "seconds": 0.5,
+                            "metrics": ["clap", "psnr"], "clap_checkpoint": str(root / "clap.ckpt")}}
+    fit_bf16("re_audioldm.yaml", root, tiny_synth, *overrides, "--data.init_args.segment_seconds=0.75",
+             callbacks=(scores,))
+    logged = (root / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    assert "eval/clap_score" in header and "eval/psnr" in header, header
+    column = header.index("eval/clap_score")
+    assert any(row.split(",")[column] not in ("", "nan") for row in logged[1:]), "eval/clap_score never logged"
     return root / "ck" / "last.ckpt"
 
 
@@ -142,3 +157,26 @@ def test_fad_on_device_tensors_equals_cpu() -> None:
         fad.update(ref.to(device), ids=[f"r{i}" for i in range(64)], real=True)
         values.append(float(fad.compute()))
     assert values[0] > 0.1 and values[1] == pytest.approx(values[0], rel=1e-9)
+
+
+def test_feature_store_is_written_on_the_device_in_bf16(tiny_synth: Path, tmp_path: Path) -> None:
+    """`tta predict` of the neighbour feature store (AudioMAE tokens, T5 caption states) on the
+    device under bf16-mixed: T5 stays an fp32 island and every stored feature is finite."""
+    from tests.hf_fixtures import make_t5_folder
+    from tta.retrieval.features import FeatureStore
+
+    out = tmp_path / "store"
+    text = {"class_path": "tta.encoders.text.T5TextEncoder",
+            "init_args": {"path": str(make_t5_folder(tmp_path / "t5")), "max_length": 50}}
+    assert main(["predict", "--config", str(CONFIGS / "demo" / "retrieval_features.yaml"),
+                 f"--trainer.default_root_dir={tmp_path}", f"--trainer.accelerator={ACCEL}", "--trainer.devices=1",
+                 "--trainer.precision=bf16-mixed", "--trainer.enable_progress_bar=false",
+                 f"--model.init_args.out_dir={out}", "--model.init_args.audio_encoder.init_args.clip_seconds=1.0",
+                 f"--model.init_args.text_encoder={json.dumps(text)}", f"--data.init_args.manifest={tiny_synth}",
+                 "--data.init_args.segment_seconds=1.0"]) == 0
+    store = FeatureStore.open(out, require=("audio", "text"), expect_text_length=50)
+    ids = _manifest_ids(tiny_synth)
+    assert sorted(store.ids) == sorted(ids)
+    feats = store.lookup([ids[:4]])
+    assert feats["text"].shape[:3] == (1, 4, 50) and feats["text_mask"].any()
+    assert all(torch.isfinite(feats[k]).all() for k in ("audio", "text"))
