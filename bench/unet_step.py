@@ -14,7 +14,8 @@
    3.5) with our UNet: DDIM 200 steps vs DPM-Solver++ 20 steps (diffusers ``DDIMScheduler`` /
    ``DPMSolverMultistepScheduler``, 1000 training steps, linear betas 0.0015-0.0195).
 
-Run: ``python bench/unet_step.py --repeats 3`` (``--device cuda`` on a GPU). On 2 lightly loaded CPU
+Run: ``python bench/unet_step.py --repeats 3`` (``--device cuda`` on a GPU, ``--precision bf16``
+for bf16 autocast of both models). On 2 lightly loaded CPU
 cores a batch-2 forward takes about 2.3 s, so the 200 DDIM steps dominate (8 minutes or more,
 far longer on a busy machine); ``--skip-sampling`` times the train step only.
 Nothing is asserted; results are logged.
@@ -23,6 +24,7 @@ Nothing is asserted; results are logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import time
@@ -96,8 +98,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"`` (fp32 master weights, as Lightning's bf16-mixed)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step_fn(
-    model: nn.Module, is_ours: bool, batch: int, device: torch.device
+    model: nn.Module, is_ours: bool, batch: int, device: torch.device, precision: str = "fp32"
 ) -> Callable[[], tuple[float, float]]:
     """A closure running one timed train step (random inputs made outside the timed part)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -110,11 +119,12 @@ def train_step_fn(
         """-> (wall-clock seconds, process CPU seconds)."""
         sync(device)
         start, cpu = time.perf_counter(), time.process_time()
-        if is_ours:
-            out = model(x, t, film=film)
-        else:
-            out = model(x, t, encoder_hidden_states=None, class_labels=film).sample
-        F.mse_loss(out, target).backward()
+        with autocast(device, precision):
+            if is_ours:
+                out = model(x, t, film=film)
+            else:
+                out = model(x, t, encoder_hidden_states=None, class_labels=film).sample
+        F.mse_loss(out.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
@@ -130,6 +140,7 @@ def sample_seconds(
     steps: int,
     device: torch.device,
     scale: float = 3.5,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """(wall, CPU) seconds to sample one 8 x 256 x 16 latent with CFG (batch 2 per UNet call)."""
     scheduler.set_timesteps(steps)
@@ -141,7 +152,8 @@ def sample_seconds(
     start, cpu = time.perf_counter(), time.process_time()
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([x, x]), t)
-        eps_u, eps_c = model(inp, t.to(device).expand(2), film=film).chunk(2)
+        with autocast(device, precision):
+            eps_u, eps_c = model(inp, t.to(device).expand(2), film=film).float().chunk(2)
         x = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
     sync(device)
     return time.perf_counter() - start, time.process_time() - cpu
@@ -160,6 +172,8 @@ def main() -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast forward passes of both models (fp32 weights and optimizer)")
     parser.add_argument("--ddim-steps", type=int, default=200)
     parser.add_argument("--dpm-steps", type=int, default=20)
     parser.add_argument("--skip-sampling", action="store_true")
@@ -185,7 +199,7 @@ def main() -> None:
     for name, count in params.items():
         log.info("%-9s parameters: %d (%.1f M)", name, count, count / 1e6)
     steps = {
-        name: train_step_fn(m, name == "ours", args.batch, device)
+        name: train_step_fn(m, name == "ours", args.batch, device, args.precision)
         for name, m in models.items()
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
@@ -211,7 +225,7 @@ def main() -> None:
     del steps, models["diffusers"]
 
     rows = [
-        f"train step (batch {args.batch}, 8x256x16, fp32, {device.type}), median of {args.repeats}:",
+        f"train step (batch {args.batch}, 8x256x16, {args.precision}, {device.type}), median of {args.repeats}:",
         f"  ours       {wall['ours']:.3f} s wall  {cpu['ours']:.3f} s CPU  ({params['ours'] / 1e6:.1f} M parameters)",
         (
             f"  diffusers  {wall['diffusers']:.3f} s wall  {cpu['diffusers']:.3f} s CPU  "
@@ -227,10 +241,10 @@ def main() -> None:
 
         model = models["ours"].eval()
         ddim_sched = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False)
-        ddim = sample_seconds(model, ddim_sched, args.ddim_steps, device)
+        ddim = sample_seconds(model, ddim_sched, args.ddim_steps, device, precision=args.precision)
         log.info("DDIM %d steps: %.2f s wall, %.2f s CPU", args.ddim_steps, *ddim)
         dpm_sched = DPMSolverMultistepScheduler(**BETAS, algorithm_type="dpmsolver++")
-        dpm = sample_seconds(model, dpm_sched, args.dpm_steps, device)
+        dpm = sample_seconds(model, dpm_sched, args.dpm_steps, device, precision=args.precision)
         log.info("DPM-Solver++ %d steps: %.2f s wall, %.2f s CPU", args.dpm_steps, *dpm)
         rows += [
             "sampling one 10.24 s clip with CFG (batch 2), our UNet:",
