@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,16 @@ def test_preprocess_resolves_names(tmp_path: Path) -> None:
                         "tta.data.datamodule.AudioDataModule"]
     with pytest.raises(FileNotFoundError, match="config file not found"):
         preprocess_args(["fit", "--config", str(tmp_path / "missing.yaml")])
+    inline = preprocess_args(["fit", '--trainer.callbacks=[{"class_path": "eval_metrics", "init_args": {"n_clips": 2}}]',
+                              "--model.init_args.unet.class_path=unet", "--model.init_args.vae",
+                              "{class_path: mel_vae}", "--trainer.max_steps", "3", "--trainer.devices=[0, 1]"])
+    assert json.loads(inline[1].partition("=")[2]) == [
+        {"class_path": "tta.training.eval_callback.EvalMetricsCallback", "init_args": {"n_clips": 2}}]
+    assert inline[2] == "--model.init_args.unet.class_path=tta.nn.unet.UNetModel"
+    assert json.loads(inline[4]) == {"class_path": "tta.generators.vae.network.AutoencoderKL"}
+    assert inline[5:] == ["--trainer.max_steps", "3", "--trainer.devices=[0, 1]"]  # untouched
+    with pytest.raises(KeyError, match="registered names"):
+        preprocess_args(["fit", '--trainer.callbacks=[{"class_path": "nope"}]'])
     with pytest.raises(KeyError, match="registered names"):
         preprocess_args(["fit", "--model", "nope"])
 

@@ -89,7 +89,7 @@ def re_audioldm_ckpt(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory)
     unit = torch.randn(len(ids), CLAP_DIM, generator=torch.Generator().manual_seed(0))
     build_index(torch.nn.functional.normalize(unit, dim=-1).numpy(), ids, IndexSpec(type="flat")).save(root / "index")
     # the eval_metrics callback: generate_for_eval (DPM-Solver++) and CLAP score / PSNR on the device
-    scores = {"class_path": "tta.training.eval_callback.EvalMetricsCallback",
+    scores = {"class_path": "eval_metrics",
               "init_args": {"manifest": str(tiny_synth), "split": None, "n_clips": 2, "seconds": 0.5,
                             "metrics": ["clap", "psnr"], "clap_checkpoint": str(root / "clap.ckpt")}}
     fit_bf16("re_audioldm.yaml", root, tiny_synth, *overrides, "--data.init_args.segment_seconds=0.75",

@@ -8,6 +8,7 @@ are tta's own commands.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -41,8 +42,26 @@ def _resolve_component_arg(value: str) -> str:
     return resolve(value) if value and "." not in value and not value.startswith(("{", "[")) else value
 
 
+def _resolve_inline(key: str, val: str) -> str:
+    """Registry names in an override's value: ``--x.class_path=unet`` or an inline JSON/YAML
+    dict/list (``--trainer.callbacks=[{"class_path": "eval_metrics", ...}]``)."""
+    from tta.registry import resolve_config
+
+    if key.endswith(".class_path"):
+        return _resolve_component_arg(val)
+    if val.lstrip().startswith(("{", "[")):
+        try:
+            data = yaml.safe_load(val)
+        except yaml.YAMLError:
+            return val  # not YAML after all: jsonargparse reports it
+        resolved = resolve_config(data)
+        return val if resolved == data else json.dumps(resolved)
+    return val
+
+
 def preprocess_args(argv: list[str]) -> list[str]:
-    """Resolve registry names in config files and in ``--model``/``--data`` values.
+    """Resolve registry names in config files, in ``--model``/``--data`` values and in inline
+    overrides (``--a.class_path=NAME``, ``--a={"class_path": NAME, ...}`` or a list of those).
 
     Config files given with ``--config`` are read, their ``class_path`` names resolved, and passed
     on as YAML text (jsonargparse accepts both).
@@ -70,6 +89,11 @@ def preprocess_args(argv: list[str]) -> list[str]:
                 data = yaml.safe_load(path.read_text())
                 val = yaml.safe_dump(resolve_config(data) if data is not None else {}, sort_keys=False)
             out.extend([key, val])
+        elif arg.startswith("--") and eq:
+            out.append(f"{key}={_resolve_inline(key, val)}")
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            out.extend([arg, _resolve_inline(arg, argv[i + 1])])
+            i += 1
         else:
             out.append(arg)
         i += 1
