@@ -36,7 +36,15 @@ def _fast(tok: Any, **special: str) -> Any:
 
 def wordpiece_tokenizer(vocab_size: int = 200) -> Any:
     """A BERT-style uncased WordPiece tokenizer with ``[CLS] $A [SEP]`` post-processing."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -72,7 +80,14 @@ def bytelevel_bpe_tokenizer(specials: list[str], vocab_size: int = 320) -> Any:
 
 def unigram_tokenizer(vocab_size: int = 120) -> Any:
     """A T5-style Unigram tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``$A </s>`` post-processing."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

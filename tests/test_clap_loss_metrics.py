@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from tta.encoders.clap.network import clip_loss
-from tta.metrics.retrieval import retrieval_metrics, zero_shot_accuracy, zero_shot_multilabel_map
+from tta.metrics.retrieval import (
+    retrieval_metrics,
+    zero_shot_accuracy,
+    zero_shot_multilabel_map,
+)
 
 
 def test_clip_loss_matches_hand_computation_2x2() -> None:

@@ -11,13 +11,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.hf_fixtures import make_bert_folder  # noqa: E402
-from tta.data.datamodule import AudioDataModule  # noqa: E402
-from tta.data.manifest import read_manifest, write_manifest  # noqa: E402
-from tta.encoders.clap.module import CLAPModule  # noqa: E402
-from tta.encoders.clap.network import CLAP  # noqa: E402
-from tta.encoders.htsat import HTSAT  # noqa: E402
-from tta.encoders.text import BertTextEncoder  # noqa: E402
+from tests.hf_fixtures import make_bert_folder
+from tta.data.datamodule import AudioDataModule
+from tta.data.manifest import read_manifest, write_manifest
+from tta.encoders.clap.module import CLAPModule
+from tta.encoders.clap.network import CLAP
+from tta.encoders.htsat import HTSAT
+from tta.encoders.text import BertTextEncoder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

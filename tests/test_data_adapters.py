@@ -10,7 +10,15 @@ import pytest
 import soundfile as sf
 
 from tta.data.adapters import (
-    MetadataError, audiocaps, build_manifest, clotho, esc50, folder, label_caption, us8k, wavcaps,
+    MetadataError,
+    audiocaps,
+    build_manifest,
+    clotho,
+    esc50,
+    folder,
+    label_caption,
+    us8k,
+    wavcaps,
 )  # fmt: skip
 from tta.data.commands import main
 from tta.data.manifest import read_manifest

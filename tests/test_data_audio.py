@@ -7,7 +7,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from tta.data.audio import AudioLoadError, audio_info, load_audio, pad_or_crop, save_audio
+from tta.data.audio import (
+    AudioLoadError,
+    audio_info,
+    load_audio,
+    pad_or_crop,
+    save_audio,
+)
 
 
 def _sine(sr: int, seconds: float, freq: float = 440.0) -> np.ndarray:

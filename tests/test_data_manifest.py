@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tta.data.manifest import ManifestError, ManifestItem, filter_split, read_manifest, write_manifest
+from tta.data.manifest import (
+    ManifestError,
+    ManifestItem,
+    filter_split,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:

@@ -14,7 +14,13 @@ import torch
 import tta.data.datamodule as dm_mod
 from tta.data import synth as synth_mod
 from tta.data.audio import AudioLoadError
-from tta.data.datamodule import AudioDataModule, ClipDataset, SynthSpec, TooManyBadClipsError, collate_clips
+from tta.data.datamodule import (
+    AudioDataModule,
+    ClipDataset,
+    SynthSpec,
+    TooManyBadClipsError,
+    collate_clips,
+)
 from tta.data.manifest import ManifestItem, read_manifest, write_manifest
 from tta.data.mel import MelConfig, MelFrontend, MelMismatchError
 

@@ -25,7 +25,6 @@ from tta.vocoders.hifigan.importers import (
     tta_to_original_state_dict,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -12,7 +12,10 @@ from tta.data.datamodule import AudioDataModule
 from tta.data.mel import MelConfig, MelMismatchError
 from tta.vocoders.factory import build_vocoder, check_composition
 from tta.vocoders.griffinlim import GriffinLimVocoder
-from tta.vocoders.hifigan.discriminators import MultiPeriodDiscriminator, MultiScaleDiscriminator
+from tta.vocoders.hifigan.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+)
 from tta.vocoders.hifigan.generator import HiFiGANGenerator
 from tta.vocoders.hifigan.module import HiFiGANModule
 

@@ -7,7 +7,10 @@ import torch
 
 from tta.data.mel import MelConfig, MelFrontend
 from tta.vocoders.base import Vocoder
-from tta.vocoders.hifigan.discriminators import MultiPeriodDiscriminator, MultiScaleDiscriminator
+from tta.vocoders.hifigan.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+)
 from tta.vocoders.hifigan.generator import HiFiGANGenerator
 from tta.vocoders.hifigan.losses import (
     FEATURE_MATCHING_WEIGHT,

@@ -104,7 +104,7 @@ def test_guidance_algebra() -> None:
 
     x, t = torch.randn(3, 5), torch.zeros(3, dtype=torch.long)
     cond, uncond = torch.full((3,), 2.0), torch.full((3,), 0.5)
-    cat = lambda a, b: torch.cat([a, b])  # noqa: E731
+    cat = lambda a, b: torch.cat([a, b])
     torch.testing.assert_close(guided(model, cond, uncond, 1.0, cat)(x, t), model(x, t, cond))
     expected = model(x, t, uncond) + 3.5 * (model(x, t, cond) - model(x, t, uncond))
     torch.testing.assert_close(guided(model, cond, uncond, 3.5, cat)(x, t), expected)

@@ -186,14 +186,13 @@ def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_p
 
 def test_test_time_retrieval_queries_the_index_and_can_switch_index(bert: Path, tmp_path: Path,
                                                                     single_thread: None) -> None:
-    from tta.retrieval.index import IndexSpec, build_index
-
     from tests.ldm_fixtures import CLAP_DIM
+    from tta.retrieval.index import IndexSpec, build_index
 
     ids = [f"c{i}" for i in range(8)] + [f"o{i}" for i in range(8)]
     features, index = make_store_and_table(ids, tmp_path)
     g = torch.Generator().manual_seed(0)
-    unit = lambda: torch.nn.functional.normalize(torch.randn(8, CLAP_DIM, generator=g), dim=-1).numpy()  # noqa: E731
+    unit = lambda: torch.nn.functional.normalize(torch.randn(8, CLAP_DIM, generator=g), dim=-1).numpy()
     build_index(unit(), ids[:8], IndexSpec(type="flat")).save(index)
     other = tmp_path / "other_index"
     build_index(unit(), ids[8:], IndexSpec(type="flat")).save(other)

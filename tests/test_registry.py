@@ -31,7 +31,7 @@ def test_unknown_name_lists_registered_names() -> None:
 def test_names_are_unique_across_kinds() -> None:
     with pytest.raises(ValueError, match="already registered as a module"):
         @registry.register("network", "vae")
-        class Clash:  # noqa: F841
+        class Clash:
             pass
     with pytest.raises(ValueError, match="unknown component kind"):
         registry.register("gadget", "x")

@@ -7,7 +7,6 @@ from torch.utils.data import Dataset
 
 from tta.data.sampling import EpochSampler, ResumableDataLoader
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

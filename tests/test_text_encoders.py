@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.hf_fixtures import make_bert_folder, make_clap_folder, make_gpt2_folder, make_t5_folder
+from tests.hf_fixtures import (
+    make_bert_folder,
+    make_clap_folder,
+    make_gpt2_folder,
+    make_t5_folder,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never reach for a hub
 pytestmark = pytest.mark.usefixtures("single_thread")

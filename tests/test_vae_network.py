@@ -243,7 +243,11 @@ def test_ldm_first_stage_prefix_stripping() -> None:
 @pytest.mark.parametrize("attn_levels", [(), (1,)])
 def test_diffusers_conversion_matches(tmp_path: Path, attn_levels: tuple[int, ...]) -> None:
     diffusers = pytest.importorskip("diffusers")
-    from tta.generators.vae.convert import diffusers_config_to_tta, diffusers_vae_to_tta, load_diffusers_vae
+    from tta.generators.vae.convert import (
+        diffusers_config_to_tta,
+        diffusers_vae_to_tta,
+        load_diffusers_vae,
+    )
     from tta.utils.weights import load_state_dict_strict
 
     n = 2

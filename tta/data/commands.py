@@ -13,7 +13,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tta.data.adapters import ADAPTERS, DEFAULT_TEMPLATE, AdapterResult, MetadataError, build_manifest
+from tta.data.adapters import (
+    ADAPTERS,
+    DEFAULT_TEMPLATE,
+    AdapterResult,
+    MetadataError,
+    build_manifest,
+)
 from tta.data.check import CheckReport, check_manifest
 from tta.data.manifest import ManifestError, write_manifest
 from tta.data.synth import STAMP, ensure_synth

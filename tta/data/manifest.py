@@ -22,7 +22,7 @@ from typing import Any
 
 from tta.utils.files import atomic_path
 
-__all__ = ["ManifestError", "ManifestItem", "filter_split", "read_manifest", "write_manifest", "FIELDS"]
+__all__ = ["FIELDS", "ManifestError", "ManifestItem", "filter_split", "read_manifest", "write_manifest"]
 
 FIELDS = ("id", "audio", "captions", "labels", "duration", "sample_rate", "split")
 

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - non-POSIX systems
 from tta.data.audio import save_audio
 from tta.data.manifest import ManifestItem, write_manifest
 
-__all__ = ["EVENT_CLASSES", "EventClass", "SYNTH_VERSION", "ensure_synth", "render_event", "synthesize"]
+__all__ = ["EVENT_CLASSES", "SYNTH_VERSION", "EventClass", "ensure_synth", "render_event", "synthesize"]
 
 SYNTH_VERSION = 1
 SPLITS = ("train", "val", "test", "heldout")

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from tta.encoders.base import TextEmbedding, TextEncoder
-from tta.encoders.text_hf import check_hf_folder, check_model_type, load_model_strict, load_tokenizer
+from tta.encoders.text_hf import (
+    check_hf_folder,
+    check_model_type,
+    load_model_strict,
+    load_tokenizer,
+)
 from tta.registry import register
 
 log = logging.getLogger(__name__)

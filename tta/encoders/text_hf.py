@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tta.utils.weights import describe_mismatch, WeightMismatchError
+from tta.utils.weights import WeightMismatchError, describe_mismatch
 
 log = logging.getLogger(__name__)
 

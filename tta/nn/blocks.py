@@ -21,12 +21,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Downsample2D",
+    "ResnetBlock2D",
+    "SpatialSelfAttention",
+    "Upsample2D",
     "normalization",
     "num_groups_for",
-    "ResnetBlock2D",
-    "Downsample2D",
-    "Upsample2D",
-    "SpatialSelfAttention",
     "zero_module",
 ]
 

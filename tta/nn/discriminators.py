@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ActNorm",
     "NLayerDiscriminator",
-    "weights_init",
+    "generator_adversarial_loss",
     "hinge_d_loss",
     "vanilla_d_loss",
-    "generator_adversarial_loss",
+    "weights_init",
 ]
 
 NormKind = Literal["batch", "actnorm", "none"]

@@ -18,7 +18,11 @@ import torch
 from torch import nn
 
 from tta.encoders.clap.network import CLAP, clip_loss
-from tta.metrics.retrieval import retrieval_metrics, zero_shot_accuracy, zero_shot_multilabel_map
+from tta.metrics.retrieval import (
+    retrieval_metrics,
+    zero_shot_accuracy,
+    zero_shot_multilabel_map,
+)
 from tta.registry import register
 from tta.training.base import TTAModule
 

@@ -13,7 +13,10 @@ from torch import nn
 from tta.registry import register
 from tta.training.base import TTAModule
 from tta.training.schedule import adamw_with_warmup
-from tta.vocoders.hifigan.discriminators import MultiPeriodDiscriminator, MultiScaleDiscriminator
+from tta.vocoders.hifigan.discriminators import (
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+)
 from tta.vocoders.hifigan.generator import HiFiGANGenerator
 from tta.vocoders.hifigan.losses import (
     MEL_L1_WEIGHT,
