@@ -206,3 +206,39 @@ def test_test_time_retrieval_queries_the_index_and_can_switch_index(bert: Path, 
     assert mel.shape == (2, 80, 12) and torch.isfinite(mel).all()
     retrieval.use_index(str(other))
     assert all(n.startswith("o") for nb in retrieval.query_neighbours(emb) for n in nb)
+
+
+def test_audio_film_source_trains_on_clap_audio_embeddings(bert: Path, batch: dict[str, Any]) -> None:
+    """AudioLDM's training condition: the UNet's FiLM vector is the clip's CLAP audio embedding
+    (not the caption's), in the validation loss too; generation still reads the prompt."""
+    module = make_module(bert, film_source="audio")
+    clap = module.model.text.clap
+    seen: list[torch.Tensor] = []
+    hook = module.model.unet.register_forward_hook(lambda _m, _a, kw, _o: seen.append(kw["film"]), with_kwargs=True)
+    try:
+        loss = module.fixed_loss(batch)
+    finally:
+        hook.remove()
+    expected = clap.embed_audio(batch["wav"]).float()  # the batch is at the CLAP's 22.05 kHz already
+    assert torch.isfinite(loss) and len(seen) == len(module.val_timesteps)
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+    text = clap.embed_text(list(batch["caption"])).float()
+    assert not torch.allclose(seen[0], text, atol=1e-3)
+    module.model.loss(module.codec.encode(batch["mel"]), batch["caption"], film=module._film(batch)).backward()
+    assert any(p.grad is not None for p in module.model.unet.class_embedding.parameters())
+    assert module.generate_mel(["a bell rings"], 12, steps=2).shape == (1, 80, 12)
+
+
+def test_film_source_errors(bert: Path, tmp_path: Path) -> None:
+    from tta.encoders.clap.text_only import ClapTextOnly
+    from tta.encoders.text import BertTextEncoder
+
+    with pytest.raises(ValueError, match="film_source must be 'text' or 'audio'"):
+        make_module(bert, film_source="image")
+    text_only = ClapTextOnly(BertTextEncoder(path=str(bert), max_length=16), joint_dim=16)
+    with pytest.raises(ValueError, match="needs a CLAP with an audio tower"):
+        LatentDiffusionModule(unet=build(tiny_unet_config()), vae=build(tiny_vae_config()), scale_factor=1.0,
+                              clap=text_only, mel="demo", film_source="audio")
+    module = make_module(bert, film_source="audio")
+    with pytest.raises(KeyError, match="no 'wav'"):
+        module._film({"mel": torch.zeros(1, 80, 8)})

@@ -99,9 +99,20 @@ class ClapTextFiLM(nn.Module):
             return self.null.unsqueeze(0).expand(batch, -1)
         return self.embed([""]).expand(batch, -1)
 
-    def forward(self, captions: Sequence[str], drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings with rows where ``drop`` is True replaced by the null embedding."""
-        emb = self.embed(captions)
+    def embed_audio(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """``(B, dim)`` CLAP *audio* embeddings of waveforms ``(B, T)`` at ``sample_rate`` (no
+        gradient): AudioLDM's training condition, in the same joint space as the prompts'."""
+        from tta.data.audio import resample
+
+        with torch.no_grad():
+            audio = resample(wav.float(), int(sample_rate), int(self.clap.sample_rate))
+            return self.clap.embed_audio(audio).float()
+
+    def forward(self, captions: Sequence[str], drop: torch.Tensor | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``captions`` (or the given ``embeddings``, e.g. `embed_audio`'s) with rows
+        where ``drop`` is True replaced by the null embedding."""
+        emb = self.embed(captions) if embeddings is None else embeddings
         if drop is not None and drop.any():
             null = self.null_embedding(len(captions)).to(emb.device, emb.dtype)
             emb = torch.where(drop.to(emb.device)[:, None], null, emb)

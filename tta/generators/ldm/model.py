@@ -86,11 +86,13 @@ class LatentDiffusion(nn.Module):
         captions: Sequence[str],
         neighbours: Sequence[Sequence[str]] | None = None,
         drop: dict[str, torch.Tensor] | None = None,
+        film: torch.Tensor | None = None,
     ) -> Conditioning:
-        """The conditioning of a batch; ``drop[name]`` (bool (B,)) replaces rows by the null."""
+        """The conditioning of a batch; ``drop[name]`` (bool (B,)) replaces rows by the null;
+        ``film``: FiLM embeddings to use instead of the captions' (AudioLDM's audio embeddings)."""
         drop = drop or {}
         device = next(self.unet.parameters()).device
-        film = self.text(captions, drop.get("text")).to(device)
+        film = self.text(captions, drop.get("text"), embeddings=film).to(device)
         context = {}
         if self.retrieval is not None:
             if neighbours is None:
@@ -131,11 +133,13 @@ class LatentDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         t: torch.Tensor | None = None,
         drop: dict[str, torch.Tensor] | None = None,
+        film: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoising loss on scaled latents with CFG dropout (``drop`` overrides the random masks)."""
+        """Denoising loss on scaled latents with CFG dropout (``drop`` overrides the random masks;
+        ``film`` replaces the captions' FiLM embeddings)."""
         if drop is None:
             drop = self.training_drop(latents.shape[0], generator)
-        cond = self.conditioning(captions, neighbours, drop)
+        cond = self.conditioning(captions, neighbours, drop, film)
         return self.schedule.loss(lambda x, tt: self.denoise(x, tt, cond), latents, generator=generator, t=t)
 
     @torch.no_grad()

@@ -60,6 +60,10 @@ class LatentDiffusionModule(TTAModule):
         clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network).
         retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM).
         film_null: null embedding of the prompt (``"learned"`` or ``"empty_prompt"``).
+        film_source: what the FiLM vector is made of in training and in the validation loss:
+            ``"text"`` (the caption's CLAP text embedding; Re-AudioLDM) or ``"audio"`` (the clip's
+            CLAP audio embedding, as AudioLDM trains; needs a CLAP with an audio tower, and lets
+            uncaptioned audio train the model). Generation always uses the prompt's text embedding.
         cfg_dropout: per-condition dropout for classifier-free guidance (0.1 in the papers).
         num_train_timesteps, beta_start, beta_end, beta_schedule, objective: the diffusion.
         lr, betas, weight_decay, warmup_steps: AdamW (Re-AudioLDM: lr 5e-5).
@@ -79,6 +83,7 @@ class LatentDiffusionModule(TTAModule):
         clap: nn.Module | None = None,
         retrieval: RetrievalConditioner | None = None,
         film_null: str = "learned",
+        film_source: str = "text",
         cfg_dropout: float | dict[str, float] = 0.1,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0015,
@@ -105,6 +110,7 @@ class LatentDiffusionModule(TTAModule):
         clap = self._build_clap(clap_checkpoint, clap)
         schedule = DiffusionSchedule(num_train_timesteps, beta_start, beta_end, beta_schedule, objective)
         self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null), retrieval, schedule, cfg_dropout)
+        self.film_source = self._check_film_source(film_source, clap)
         for attr in ("in_channels", "out_channels"):
             if getattr(unet, attr, self.codec.latent_channels) != self.codec.latent_channels:
                 raise ValueError(f"the UNet's {attr} is {getattr(unet, attr)} but the VAE's latents have "
@@ -143,6 +149,20 @@ class LatentDiffusionModule(TTAModule):
         if hasattr(clap, "freeze_all"):
             clap.freeze_all()
         return clap.eval()
+
+    @staticmethod
+    def _check_film_source(source: str, clap: nn.Module) -> str:
+        if source not in ("text", "audio"):
+            raise ValueError(f"film_source must be 'text' or 'audio', got {source!r}")
+        if source == "audio":
+            from tta.encoders.clap.text_only import NoAudioTowerError
+
+            try:
+                clap.sample_rate
+            except NoAudioTowerError as err:
+                raise ValueError("film_source='audio' needs a CLAP with an audio tower; this one is text-only "
+                                 "(e.g. imported from a public AudioLDM): use film_source='text'") from err
+        return source
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
@@ -186,10 +206,19 @@ class LatentDiffusionModule(TTAModule):
         retrieval = self.model.retrieval
         return None if retrieval is None else retrieval.training_neighbours(ids)
 
+    def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's FiLM embeddings for ``film_source="audio"`` (None: from the captions)."""
+        if self.film_source == "text":
+            return None
+        if "wav" not in batch:
+            raise KeyError("film_source='audio' needs the clips' waveforms: the batch has no 'wav'")
+        return self.model.text.embed_audio(batch["wav"], self.mel_config.sample_rate)
+
     def train_step(self, batch: dict[str, Any]) -> None:
         g = self.step_generator()
         latents = self.codec.encode(batch["mel"].float(), generator=g)
-        loss = self.model.loss(latents, batch["caption"], self._neighbours(batch["id"]), generator=g)
+        loss = self.model.loss(latents, batch["caption"], self._neighbours(batch["id"]), generator=g,
+                               film=self._film(batch))
         (opt, sched), = self.optimizer_pairs(1)
         self.guarded_step(loss, opt, [p for p in self.model.parameters() if p.requires_grad], sched)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=latents.shape[0])
@@ -200,9 +229,10 @@ class LatentDiffusionModule(TTAModule):
         latents = self.codec.encode(batch["mel"].float(), sample=False)
         b = latents.shape[0]
         keep = {c: torch.zeros(b, dtype=torch.bool) for c in self.model.cfg_dropout}
-        neighbours = self._neighbours(batch["id"])
+        neighbours, film = self._neighbours(batch["id"]), self._film(batch)
         losses = [
-            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=torch.full((b,), t), drop=keep)
+            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=torch.full((b,), t), drop=keep,
+                            film=film)
             for t in self.val_timesteps
         ]
         return torch.stack(losses).mean()
