@@ -1,5 +1,5 @@
-"""CUDA and bf16 paths: training every demo system on the GPU in bf16-mixed, generation on the GPU
-matching the CPU, the T5 fp32 island and FAD on CUDA tensors.
+"""CUDA and bf16 paths: training every demo system on the GPU in bf16-mixed (AudioLDM on CLAP audio
+embeddings too), generation on the GPU matching the CPU, the T5 fp32 island, FAD on CUDA tensors.
 
 Skipped without a CUDA GPU (CI has none). ``TTA_TEST_ACCELERATOR=cpu`` runs the same checks on the
 CPU (bf16-mixed there too), which is how these tests themselves are debugged without a GPU.
@@ -72,6 +72,16 @@ def test_clap_trains_in_bf16(tiny_synth: Path, tmp_path: Path) -> None:
     fit_bf16("clap.yaml", tmp_path, tiny_synth, "--data.init_args.batch_size=4", "--data.init_args.segment_seconds=0.5",
              "--model.init_args.clap.init_args.audio_encoder.init_args.window_seconds=0.5",
              f"--model.init_args.clap.init_args.text_encoder={json.dumps(text)}")
+
+
+def test_audioldm_trains_on_clap_audio_embeddings_in_bf16(tiny_synth: Path, tmp_path: Path) -> None:
+    """AudioLDM's recipe (film_source=audio): waveforms resampled and embedded by CLAP's audio
+    tower on the device under bf16 autocast."""
+    from tests.test_cli import ldm_overrides
+
+    overrides = ldm_overrides(CONFIGS / "demo" / "audioldm.yaml", tmp_path)
+    fit_bf16("audioldm.yaml", tmp_path, tiny_synth, *overrides, "--model.init_args.film_source=audio",
+             "--data.init_args.segment_seconds=0.75")
 
 
 @pytest.fixture(scope="module")
