@@ -119,6 +119,20 @@ def test_sharding_is_disjoint_and_equal(shuffle, n):
         assert all(single[i] == sd for i, sd in sh)
 
 
+@pytest.mark.parametrize("n, world", [(10, 3), (7, 4), (2, 3), (9, 3)])
+def test_padded_sharding_covers_every_item_with_equal_shards(n, world):
+    """Evaluation sharding: equal shard sizes, every item at least once, repeats only to even out."""
+    ds = KeyDataset(n)
+    shards = [list(EpochSampler(ds, shuffle=True, seed=5, num_replicas=world, rank=r, pad=True)) for r in range(world)]
+    per_rank = -(-n // world)
+    assert [len(sh) for sh in shards] == [per_rank] * world
+    seen = [i for sh in shards for i, _ in sh]
+    assert set(seen) == set(range(n)) and len(seen) - n == per_rank * world - n
+    assert len(EpochSampler(ds, num_replicas=world, pad=True)) == per_rank
+    single = dict(EpochSampler(ds, shuffle=True, seed=5))  # the same per-item seeds as one process
+    assert all(single[i] == sd for sh in shards for i, sd in sh)
+
+
 def test_sharding_with_skip_skips_per_rank_batches():
     ds = KeyDataset(24)
     s = EpochSampler(ds, seed=0, num_replicas=2, rank=1, batch_size=3)

@@ -266,7 +266,7 @@ class AudioDataModule(L.LightningDataModule):
         ds = self.datasets[role]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = EpochSampler(ds, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, pad=role != "train")  # evaluation sees every clip
         return ResumableDataLoader(
             ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_clips,
             persistent_workers=self.num_workers > 0, drop_last=(role == "train"),

@@ -21,7 +21,10 @@ class EpochSampler(DistributedSampler):
 
     Subclasses ``DistributedSampler`` so Lightning keeps it under DDP instead of wrapping it.
     Every rank gets ``len(dataset) // num_replicas`` items (the remainder is left out of that
-    epoch; with shuffling, a different remainder every epoch).
+    epoch; with shuffling, a different remainder every epoch). With ``pad=True`` (evaluation)
+    every item is seen: ranks get ``ceil(len / num_replicas)`` items, the order wrapped around
+    for the last few, so all ranks step equally and metrics keyed by clip id count the repeated
+    items once.
     """
 
     def __init__(
@@ -32,9 +35,11 @@ class EpochSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         batch_size: int = 1,
+        pad: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.batch_size = batch_size
+        self.pad = pad
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -43,7 +48,8 @@ class EpochSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.num_replicas  # type: ignore[arg-type]
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return -(-n // self.num_replicas) if self.pad else n // self.num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -52,6 +58,8 @@ class EpochSampler(DistributedSampler):
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         item_seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
         per_rank = len(self)
+        if self.pad and n:
+            order = order.repeat(-(-per_rank * self.num_replicas // n))  # wrap around for the last few
         mine = order[self.rank : per_rank * self.num_replicas : self.num_replicas]
         start = self.skip_batches * self.batch_size
         self.skip_batches = 0
