@@ -290,3 +290,41 @@ def test_registered_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert get("htsat", "encoder") is HTSAT
     assert get("cnn14", "encoder") is CNN14
     assert get("audiomae", "encoder") is AudioMAE
+
+
+@pytest.mark.parametrize("preset", ["panns", "panns16k"])
+def test_cnn14_front_end_is_panns_log_mel(preset: str) -> None:
+    """PANNs' features (torchlibrosa = librosa): centred reflect-padded Hann STFT, power, Slaney mel,
+    ``power_to_db(ref=1, amin=1e-10, top_db=None)``, so real PANNs weights see what they were trained on."""
+    import librosa
+    import numpy as np
+
+    from tta.encoders.cnn14 import PANNS_PRESETS
+
+    cfg = PANNS_PRESETS[preset]
+    model = tiny_cnn14(mel=preset)
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(cfg["sample_rate"] // 2)).astype(np.float32)
+    wav[1000:3000] = 0.0  # digital silence reaches the 1e-10 floor
+    mel = librosa.feature.melspectrogram(
+        y=wav.astype(np.float64), sr=cfg["sample_rate"], n_fft=cfg["n_fft"], hop_length=cfg["hop_length"],
+        win_length=cfg["win_length"], window="hann", center=True, pad_mode="reflect", power=2.0,
+        n_mels=cfg["n_mels"], fmin=cfg["f_min"], fmax=cfg["f_max"], htk=False, norm="slaney",
+    )  # fmt: skip
+    ref = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    ours = model.frontend(torch.from_numpy(wav)[None]).numpy()[0]
+    assert model.sample_rate == cfg["sample_rate"] and ours.shape == ref.shape == (64, len(wav) // cfg["hop_length"] + 1)
+    np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="CNN14.mel must be one of panns, panns16k"):
+        tiny_cnn14(mel="panns48k")
+
+
+def test_cnn14_16k_embedder_spec_loads_panns_layout(tmp_path: Path) -> None:
+    from tta.metrics.embedders import build_embedder
+
+    model = CNN14(mel="panns16k")
+    torch.save({"model": model.state_dict()}, tmp_path / "Cnn14_16k.pth")  # the PANNs file layout
+    emb = build_embedder(f"cnn14_16k:{tmp_path / 'Cnn14_16k.pth'}")
+    assert emb.sample_rate == 16000 and emb.dim == 2048 and emb.num_classes == 527
+    with pytest.raises(ValueError, match="cnn14_16k:PATH"):
+        build_embedder("cnn14_16k")

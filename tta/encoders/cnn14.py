@@ -6,10 +6,13 @@ pools 1x1 as in PANNs), the mean over frequency, then ``max + mean`` over time, 
 ``dim``) with ReLU as the embedding and an optional AudioSet head ``fc_audioset`` (527 classes)
 whose logits `CNN14.classify` exposes for KL / IS style metrics. About 80.8 M parameters.
 
-Front-end: the PANNs parameters (32 kHz, window 1024, hop 320, 64 mels, 50-14000 Hz) through the
-one `MelFrontend` (HiFi-GAN style log-magnitude mel, not PANNs' power dB; the BatchNorm over mel
-bins absorbs the scale). Parameter names follow the PANNs checkpoint layout (``conv_block1.conv1``,
-``bn0``, ``fc1``, ``fc_audioset``) so an importer is a key-for-key copy.
+Front-end: exactly PANNs' (torchlibrosa ``Spectrogram`` + ``LogmelFilterBank``): a centred,
+reflect-padded Hann STFT, power spectrum, librosa's Slaney mel bank and ``10 log10(max(mel,
+1e-10))`` (`MelFrontend` kind ``stft_db``), so real PANNs weights see the features they were
+trained on. Presets: ``"panns"`` (Cnn14, 32 kHz, window 1024, hop 320, 64 mels, 50-14000 Hz) and
+``"panns16k"`` (Cnn14_16k, the classifier of AudioLDM's evaluation: 16 kHz, window 512, hop 160,
+50-8000 Hz). Parameter names follow the PANNs checkpoint layout (``conv_block1.conv1``, ``bn0``,
+``fc1``, ``fc_audioset``) so real weights load key for key.
 
 The waveform helpers `check_waveform`, `fit_length` and `build_frontend` are shared by the audio
 encoders of tta (HTSAT, AudioMAE).
@@ -39,6 +42,13 @@ PANNS_MEL: dict[str, Any] = {
     "n_mels": 64,
     "f_min": 50.0,
     "f_max": 14000.0,
+    "log_floor": 1e-10,
+    "kind": "stft_db",
+}
+PANNS_PRESETS: dict[str, dict[str, Any]] = {
+    "panns": PANNS_MEL,
+    "panns16k": {**PANNS_MEL, "name": "panns16k", "sample_rate": 16000, "n_fft": 512, "win_length": 512,
+                 "hop_length": 160, "f_max": 8000.0},
 }
 
 
@@ -113,7 +123,8 @@ class CNN14(AudioEncoder):
         num_classes: size of the classifier head (527 AudioSet classes), or None for none.
         dropout: dropout after each conv block (0.2) and before the fully connected layers (0.5).
         clip_seconds: pad/crop every clip to this duration; None accepts any length.
-        mel: `MelConfig` fields overriding the PANNs front-end (e.g. ``{"sample_rate": 16000}``).
+        mel: the front-end: ``"panns"`` (32 kHz), ``"panns16k"`` (Cnn14_16k), or `MelConfig`
+            fields overriding ``"panns"``.
     """
 
     def __init__(
@@ -124,7 +135,7 @@ class CNN14(AudioEncoder):
         num_classes: int | None = 527,
         dropout: tuple[float, float] = (0.2, 0.5),
         clip_seconds: float | None = None,
-        mel: dict[str, Any] | None = None,
+        mel: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -135,7 +146,10 @@ class CNN14(AudioEncoder):
         pool_sizes = tuple(tuple(int(s) for s in p) for p in pool_sizes)  # type: ignore[misc]
         if len(pool_sizes) != len(channels):
             raise ValueError(f"CNN14: {len(channels)} channels but {len(pool_sizes)} pool_sizes")
-        self.frontend = build_frontend(None, **{**PANNS_MEL, **(mel or {})})
+        if isinstance(mel, str) and mel not in PANNS_PRESETS:
+            raise ValueError(f"CNN14.mel must be one of {', '.join(PANNS_PRESETS)} or a dict, got {mel!r}")
+        front = PANNS_PRESETS[mel] if isinstance(mel, str) else {**PANNS_MEL, **(mel or {})}
+        self.frontend = build_frontend(None, **front)
         self.sample_rate = self.frontend.sample_rate
         self.dim = int(dim)
         self.num_classes = num_classes

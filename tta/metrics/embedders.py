@@ -313,17 +313,19 @@ def _vggish_from_spec(arg: str, device: str) -> VGGishEmbedder:
 
 
 def build_embedder(spec: str, device: str = "cpu") -> Embedder:
-    """``yamnet`` | ``cnn14:WEIGHTS`` | ``clap:CHECKPOINT`` | ``vggish:WEIGHTS[,pca=P][,output=M][,relu]``
-    -> an `Embedder`."""
+    """``yamnet`` | ``cnn14:WEIGHTS`` (PANNs Cnn14, 32 kHz) | ``cnn14_16k:WEIGHTS`` (Cnn14_16k, AudioLDM's
+    evaluation) | ``clap:CHECKPOINT`` | ``vggish:WEIGHTS[,pca=P][,output=M][,relu]`` -> an `Embedder`."""
     kind, _, arg = spec.partition(":")
     if kind == "yamnet":
         return YAMNetEmbedder()
-    if kind == "cnn14":
+    if kind in ("cnn14", "cnn14_16k"):
         if not arg:
             raise ValueError(
-                "--embedder cnn14 needs local weights: cnn14:PATH (a state dict in tta's CNN14 layout)"
+                f"--embedder {kind} needs local weights: {kind}:PATH (a PANNs state dict, e.g. "
+                f"{'Cnn14_16k_mAP=0.438.pth' if kind == 'cnn14_16k' else 'Cnn14_mAP=0.431.pth'})"
             )
-        return CNN14Embedder.from_weights(Path(arg), device=device)
+        mel = "panns16k" if kind == "cnn14_16k" else "panns"
+        return CNN14Embedder.from_weights(Path(arg), device=device, mel=mel)
     if kind == "clap":
         if not arg:
             raise ValueError(
@@ -333,5 +335,5 @@ def build_embedder(spec: str, device: str = "cpu") -> Embedder:
     if kind == "vggish":
         return _vggish_from_spec(arg, device)
     raise ValueError(
-        f"unknown embedder {spec!r}; use yamnet, cnn14:WEIGHTS, clap:CHECKPOINT or vggish:WEIGHTS"
+        f"unknown embedder {spec!r}; use yamnet, cnn14:WEIGHTS, cnn14_16k:WEIGHTS, clap:CHECKPOINT or vggish:WEIGHTS"
     )

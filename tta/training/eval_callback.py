@@ -53,7 +53,7 @@ class EvalMetricsCallback(L.Callback):
         n_clips: size of the fixed set (the first ids in sorted order).
         metrics: metric names of ``tta eval`` (fad, kl, is, clap, clap_a, psnr, spec_fid).
         seconds: generated length and pad/crop length (default: the longest reference clip).
-        embedder: ``yamnet`` | ``cnn14:WEIGHTS`` | ``clap:CKPT``, or an `Embedder` instance.
+        embedder: ``yamnet`` | ``cnn14:WEIGHTS`` | ``cnn14_16k:WEIGHTS`` | ``clap:CKPT``, or an `Embedder`.
         clap_checkpoint: ``clap_trainer`` checkpoint for ``clap`` / ``clap_a`` (or pass ``clap``).
         every_n_epochs: run after every n-th validation epoch.
     """
