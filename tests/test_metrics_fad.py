@@ -237,3 +237,23 @@ def test_yamnet_fad_of_real_audio_is_zero_with_itself_and_grows_with_noise(
     ]
     assert abs(values[0]) < 1e-6
     assert all(b > a for a, b in itertools.pairwise(values)), values
+
+
+def test_per_frame_samples_equal_fad_of_all_frames_and_repeats_count_once() -> None:
+    """(B, P, D) updates: every frame is a sample (google-research's VGGish FAD protocol)."""
+    g = torch.Generator().manual_seed(3)
+    gen, ref = torch.randn(6, 4, 5, generator=g), torch.randn(7, 4, 5, generator=g) + 0.3
+    fad = FrechetAudioDistance()
+    fad.update(gen[:4], ids=[f"g{i}" for i in range(4)])
+    fad.update(gen[2:], ids=[f"g{i}" for i in range(2, 6)])  # g2, g3 again (DDP padding): once
+    fad.update(ref, ids=[f"r{i}" for i in range(7)], real=True)
+    expected = frechet_distance_sets(gen.reshape(-1, 5).double(), ref.reshape(-1, 5).double())
+    assert float(fad.compute()) == pytest.approx(float(expected), rel=1e-12)
+    pooled = FrechetAudioDistance()
+    pooled.update(gen.mean(1), ids=[f"g{i}" for i in range(6)])
+    pooled.update(ref.mean(1), ids=[f"r{i}" for i in range(7)], real=True)
+    assert float(pooled.compute()) != pytest.approx(float(expected), rel=1e-3)
+    with pytest.raises(ValueError, match="2 ids for 6 clips"):
+        fad.update(gen, ids=["a", "b"])
+    with pytest.raises(ValueError, match=r"\(B, D\) or \(B, P, D\)"):
+        fad.update(torch.zeros(2, 2, 2, 2))

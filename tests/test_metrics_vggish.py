@@ -295,6 +295,7 @@ def test_fad_with_vggish_embedder(weights: Path, tmp_path: Path) -> None:
     from tta.evaluation.clips import Clip
     from tta.evaluation.core import evaluate
     from tta.metrics.embedders import VGGishEmbedder, build_embedder
+    from tta.metrics.fad import FrechetAudioDistance
 
     emb = VGGishEmbedder(weights)
     d = emb.describe()
@@ -325,6 +326,19 @@ def test_fad_with_vggish_embedder(weights: Path, tmp_path: Path) -> None:
     assert math.isfinite(same) and abs(same) < 1e-6 and other > 1e-3, (same, other)
     with pytest.raises(ValueError, match="KL and IS need a classifier"):
         evaluate(gen, ref, ["kl"], embedder=emb)
+    # google-research's protocol: every 0.96 s patch is a sample (2 s clips -> 2 patches each)
+    long_ref, long_gen = ([Clip(f"c{i}", wav=torch.cat([c.wav, c.wav.flip(-1)]), sample_rate=SR) for i, c in enumerate(x)]
+                          for x in (ref, gen))  # fmt: skip
+    frames = build_embedder(f"vggish:{weights},frames")
+    assert frames.fad_frames and frames.describe()["fad_samples"].startswith("0.96 s patches")
+    per_patch = evaluate(long_gen, long_ref, ["fad"], embedder=frames, cache_reference=False, n_examples=0)
+    expected = FrechetAudioDistance()
+    for clipset, real in ((long_gen, False), (long_ref, True)):
+        wav = torch.stack([c.wav for c in clipset])
+        expected.update(emb.model.patch_embeddings(wav), [c.id for c in clipset], real=real)
+    assert per_patch["metrics"]["fad"] == pytest.approx(float(expected.compute()), rel=1e-6)
+    pooled = evaluate(long_gen, long_ref, ["fad"], embedder=emb, cache_reference=False, n_examples=0)
+    assert pooled["metrics"]["fad"] != pytest.approx(per_patch["metrics"]["fad"], rel=1e-3)
     # specs: options, and clear errors
     spec = build_embedder(f"vggish:{weights},relu")
     assert spec.model.final_relu and spec.weight_hash == emb.weight_hash

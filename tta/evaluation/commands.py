@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedder",
         default="yamnet",
-        help="FAD/KL/IS model: yamnet | cnn14:WEIGHTS | cnn14_16k:WEIGHTS | clap:CHECKPOINT | vggish:WEIGHTS[,pca=P][,output=M][,relu] (default: %(default)s)",
+        help="FAD/KL/IS model: yamnet | cnn14:WEIGHTS | cnn14_16k:WEIGHTS | clap:CHECKPOINT | vggish:WEIGHTS[,pca=P][,output=M][,relu][,frames] (default: %(default)s)",
     )
     p.add_argument(
         "--clap",

@@ -170,7 +170,8 @@ class _Run:
             emb, logits = self.embedder.embed_and_classify(wav)
             sub = [ids[i] for i in idx]
             if self.fad is not None and (not real or self.fad.reference_stats is None):
-                self.fad.update(emb, sub, real=real)
+                frames = getattr(self.embedder, "fad_frames", False)
+                self.fad.update(self.embedder.frame_embed(wav) if frames else emb, sub, real=real)
             if logits is None:
                 continue
             keep = [j for j, i in enumerate(idx) if ok[i]]

@@ -256,7 +256,8 @@ class VGGishEmbedder(_TorchEmbedder):
     multilabel = False
 
     def __init__(self, weights: str | os.PathLike, pca: str | os.PathLike | None = None, output: str = "embedding",
-                 final_relu: bool = False, device: str | torch.device = "cpu") -> None:  # fmt: skip
+                 final_relu: bool = False, device: str | torch.device = "cpu",
+                 fad_frames: bool = False) -> None:  # fmt: skip
         from tta.metrics.vggish import OUTPUTS, load_vggish
 
         if output not in OUTPUTS:
@@ -274,9 +275,14 @@ class VGGishEmbedder(_TorchEmbedder):
         self.weight_hash = file_sha256(weights)
         self.pca_hash = file_sha256(pca) if pca is not None else None
         self.weights_path = str(weights)
+        self.fad_frames = bool(fad_frames)
 
     def embed(self, wav: torch.Tensor) -> torch.Tensor:
         return self._run(lambda w: self.model.embed(w, self.output), wav)
+
+    def frame_embed(self, wav: torch.Tensor) -> torch.Tensor:
+        """Per-patch embeddings ``(B, P, dim)``: the samples of FAD when ``fad_frames`` is set."""
+        return self._run(lambda w: self.model.patch_embeddings(w, self.output), wav)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -285,6 +291,7 @@ class VGGishEmbedder(_TorchEmbedder):
             "output": self.output, "final_relu": self.model.final_relu, "pca_sha256": self.pca_hash,
             "front_end": self.model.frontend.config(),
             "clip_pooling": "mean of 0.96 s patch embeddings (patches without overlap; an incomplete last patch is dropped)",
+            "fad_samples": "0.96 s patches (google-research FAD)" if self.fad_frames else "clips (pooled)",
         })  # fmt: skip
         return out
 
@@ -305,16 +312,18 @@ def _vggish_from_spec(arg: str, device: str) -> VGGishEmbedder:
             kwargs[key] = value
         elif option == "relu":
             kwargs["final_relu"] = True
+        elif option == "frames":
+            kwargs["fad_frames"] = True
         else:
             raise ValueError(
-                f"--embedder vggish: unknown option {option!r}; use vggish:PATH[,pca=PCA][,output=MODE][,relu]"
+                f"--embedder vggish: unknown option {option!r}; use vggish:PATH[,pca=PCA][,output=MODE][,relu][,frames]"
             )
     return VGGishEmbedder(path, device=device, **kwargs)
 
 
 def build_embedder(spec: str, device: str = "cpu") -> Embedder:
     """``yamnet`` | ``cnn14:WEIGHTS`` (PANNs Cnn14, 32 kHz) | ``cnn14_16k:WEIGHTS`` (Cnn14_16k, AudioLDM's
-    evaluation) | ``clap:CHECKPOINT`` | ``vggish:WEIGHTS[,pca=P][,output=M][,relu]`` -> an `Embedder`."""
+    evaluation) | ``clap:CHECKPOINT`` | ``vggish:WEIGHTS[,pca=P][,output=M][,relu][,frames]`` -> an `Embedder`."""
     kind, _, arg = spec.partition(":")
     if kind == "yamnet":
         return YAMNetEmbedder()

@@ -15,6 +15,8 @@ full reference statistics, fits ``FAD = a + b / N`` by least squares and reports
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -234,13 +236,17 @@ def fad_infinity(
     }
 
 
+_frame_clips = itertools.count()  # anonymous clips of per-frame updates
+
+
 @register("metric", "fad")
 class FrechetAudioDistance(IdMetric):
     """FAD between generated and reference clip embeddings (a `torchmetrics.Metric`).
 
     ``update(x, ids=None, real=False)`` takes waveforms ``(B, T)`` when an ``embedder`` is given
-    (at its sample rate), else embeddings ``(B, D)``. Items repeated across DDP ranks (same id)
-    count once. With ``reference_stats`` (e.g. cached `GaussianStats`) no reference items are
+    (at its sample rate), else embeddings ``(B, D)``, or ``(B, P, D)``: ``P`` samples of the
+    distribution per clip (VGGish's 0.96 s patches in google-research's FAD). Items repeated
+    across DDP ranks (same id) count once. With ``reference_stats`` (e.g. cached `GaussianStats`) no reference items are
     needed. ``compute()`` returns the FAD as a float64 scalar tensor; `details` adds the set sizes
     and, with ``infinity=True``, FAD-inf.
     """
@@ -262,10 +268,18 @@ class FrechetAudioDistance(IdMetric):
         self, x: torch.Tensor, ids: list[str] | None = None, real: bool = False
     ) -> None:
         emb = self.embedder.embed(x) if self.embedder is not None else x
-        if emb.dim() != 2:
+        if emb.dim() not in (2, 3):
             raise ValueError(
-                f"FrechetAudioDistance.update: embeddings must be (B, D), got {tuple(emb.shape)}"
+                f"FrechetAudioDistance.update: embeddings must be (B, D) or (B, P, D), got {tuple(emb.shape)}"
             )
+        if emb.dim() == 3:  # P samples per clip, each with its own id "clip#p" (DDP repeats still count once)
+            b, frames = emb.shape[:2]
+            if ids is None:
+                ids = [f"\x00frames-{id(self)}-{next(_frame_clips)}" for _ in range(b)]
+            elif len(ids) != b:
+                raise ValueError(f"FrechetAudioDistance.update: {len(ids)} ids for {b} clips")
+            ids = [f"{i}#{p}" for i in ids for p in range(frames)]
+            emb = emb.reshape(b * frames, emb.shape[-1])
         side = "ref" if real else "gen"
         getattr(self, f"{side}_emb").append(emb.detach().to(self.device, torch.float64))
         getattr(self, f"{side}_ids").append(
