@@ -242,3 +242,12 @@ def test_film_source_errors(bert: Path, tmp_path: Path) -> None:
     module = make_module(bert, film_source="audio")
     with pytest.raises(KeyError, match="no 'wav'"):
         module._film({"mel": torch.zeros(1, 80, 8)})
+
+
+def test_uncaptioned_clips_warn_once_with_text_film(bert: Path, caplog: pytest.LogCaptureFixture) -> None:
+    module = make_module(bert)
+    batch = {"id": ["a", "b"], "caption": ["a dog barks", ""]}
+    with caplog.at_level("WARNING", logger="tta.generators.ldm.module"):
+        assert module._film(batch) is None and module._film(batch) is None
+    warned = [r for r in caplog.records if "uncaptioned clips" in r.getMessage()]
+    assert len(warned) == 1 and "'b'" in warned[0].getMessage()

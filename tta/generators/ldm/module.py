@@ -209,6 +209,11 @@ class LatentDiffusionModule(TTAModule):
     def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The batch's FiLM embeddings for ``film_source="audio"`` (None: from the captions)."""
         if self.film_source == "text":
+            if not self.__dict__.get("_warned_uncaptioned") and any(c == "" for c in batch["caption"]):
+                self.__dict__["_warned_uncaptioned"] = True
+                log.warning("uncaptioned clips (e.g. %s) condition the text FiLM on an empty prompt; "
+                            "film_source='audio' trains on such audio as AudioLDM does",
+                            [i for i, c in zip(batch["id"], batch["caption"]) if c == ""][:3])
             return None
         if "wav" not in batch:
             raise KeyError("film_source='audio' needs the clips' waveforms: the batch has no 'wav'")
