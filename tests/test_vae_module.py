@@ -145,6 +145,22 @@ def test_exact_resume_after_crash(tiny_synth: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(resumed.ema.shadow[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_extending_a_run_that_stopped_at_max_steps_continues_its_epoch(tiny_synth: Path, tmp_path: Path) -> None:
+    """Lightning counts a run stopped by max_steps mid-epoch as a finished epoch; the data is not:
+    a run extended from its last checkpoint sees the rest of that epoch, as an uninterrupted run."""
+    steps = 10
+    ref = Recorder()
+    trainer(tmp_path / "ref", max_steps=steps, callbacks=[ref]).fit(tiny_vae(ema_decay=0.9), datamodule=tiny_dm(tiny_synth))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path / "a", max_steps=3, callbacks=[ckpt], enable_checkpointing=True).fit(
+        tiny_vae(ema_decay=0.9), datamodule=tiny_dm(tiny_synth))
+    extended = Recorder()
+    trainer(tmp_path / "b", max_steps=steps, callbacks=[extended]).fit(
+        tiny_vae(ema_decay=0.9), datamodule=tiny_dm(tiny_synth), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert extended.ids == ref.ids[3:]
+    assert extended.losses == pytest.approx(ref.losses[3:], rel=1e-6, abs=1e-6)
+
+
 def test_checkpoint_is_self_describing_and_safe(tiny_synth: Path, tmp_path: Path) -> None:
     module = tiny_vae(ema_decay=0.9)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

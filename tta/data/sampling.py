@@ -41,8 +41,19 @@ class EpochSampler(DistributedSampler):
         self.batch_size = batch_size
         self.pad = pad
         self.skip_batches = 0
+        self.epoch_offset = 0  # data epoch - Lightning's epoch (non-zero after resuming an unfinished epoch)
+        self.continue_epoch = False
 
     def set_epoch(self, epoch: int) -> None:
+        """Lightning's epoch -> this sampler's data epoch. Right after a restore of an unfinished
+        data epoch, the first call keeps that epoch (and its position) whatever Lightning's number:
+        Lightning counts a run stopped by ``max_steps`` mid-epoch as a finished epoch, but its data
+        is not, so a run extended from that checkpoint first sees the rest of it."""
+        if self.continue_epoch:
+            self.continue_epoch = False
+            self.epoch_offset = self.epoch - epoch
+            return
+        epoch += self.epoch_offset
         if epoch != self.epoch:
             self.skip_batches = 0
         super().set_epoch(epoch)
@@ -92,6 +103,7 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler: EpochSampler = self.sampler  # type: ignore[assignment]
-        sampler.set_epoch(int(state["epoch"]))
+        sampler.epoch = int(state["epoch"])  # the data epoch of the checkpoint
         sampler.skip_batches = int(state["consumed"])
+        sampler.continue_epoch = 0 < sampler.skip_batches < len(self)  # unfinished: continue it
         self.consumed = int(state["consumed"])
