@@ -273,6 +273,27 @@ def test_text_only_clap_refuses_reranking(imported: dict[str, Any]) -> None:
         pipe.module.model.text.clap.embed_audio(torch.zeros(1, 16000))
 
 
+def test_a_separate_full_clap_reranks_candidates(imported: dict[str, Any], tmp_path: Path) -> None:
+    """Imported pipelines re-rank with a given full CLAP; the kept clip is its best-scoring one."""
+    from tests.hf_fixtures import make_bert_folder
+    from tests.ldm_fixtures import build, tiny_clap_config
+
+    pipe = imported["pipe"]
+    clap = build(tiny_clap_config(make_bert_folder(tmp_path / "bert"))).eval()
+    pipe.rerank_clap = clap
+    try:
+        best = pipe.generate(PROMPTS[:2], duration=DURATION, steps=1, candidates=3, seed=4)
+        every = pipe.generate([p for p in PROMPTS[:2] for _ in range(3)], duration=DURATION, steps=1, seed=4)
+    finally:
+        pipe.rerank_clap = None
+    assert best.wav.shape[0] == 2 and best.settings["rerank_clap"] == "separate"
+    from tta.data.audio import resample
+
+    audio = resample(every.wav, pipe.sample_rate, clap.sample_rate)
+    sims = (clap.embed_audio(audio) * clap.embed_text([p for p in PROMPTS[:2] for _ in range(3)])).sum(-1).view(2, 3)
+    assert best.clap_scores == pytest.approx(sims.max(dim=1).values.tolist(), abs=1e-5)
+
+
 def test_moved_pipeline_folder_still_loads(
     imported: dict[str, Any], tmp_path: Path
 ) -> None:

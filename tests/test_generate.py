@@ -73,6 +73,15 @@ def test_export_generate_and_python_api(trained_ckpt: Path, tmp_path: Path, sing
     with pytest.raises(ValueError, match="non-empty"):
         pipe([""], duration=0.3)
 
+    from tests.ldm_fixtures import component_checkpoints
+
+    _, clap_ckpt = component_checkpoints(tmp_path / "components", mel="demo")
+    reranked = tmp_path / "reranked"
+    assert main(["generate", "a bell rings", "--pipeline", str(pipe_dir), "--duration", "0.3", "--steps", "2",
+                 "--candidates", "2", "--rerank-clap", str(clap_ckpt), "--out", str(reranked)]) == 0
+    row = json.loads((reranked / "generations.jsonl").read_text())
+    assert row["generation"]["rerank_clap"] == str(clap_ckpt) and -1.0 <= row["generation"]["clap_score"] <= 1.0
+
 
 def test_loading_refuses_tampered_pipeline(trained_ckpt: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file

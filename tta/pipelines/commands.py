@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), help="default: the pipeline's (ddim)")
     p.add_argument("--candidates", type=int, help="clips sampled per prompt, best kept by CLAP score (default 1)")
+    p.add_argument("--rerank-clap", type=Path,
+                   help="a clap_trainer checkpoint whose CLAP scores the candidates (default: the pipeline's; "
+                        "imported public AudioLDM pipelines hold only CLAP's text tower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="cpu")
@@ -52,6 +55,10 @@ def generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
+    if args.rerank_clap is not None:
+        from tta.metrics.embedders import CLAPAudioEmbedder
+
+        pipe.rerank_clap = CLAPAudioEmbedder.from_checkpoint(args.rerank_clap).model.eval().to(args.device)
     if args.index is not None:
         retrieval = pipe.module.model.retrieval
         if retrieval is None:
@@ -75,6 +82,7 @@ def generate(args: argparse.Namespace) -> int:
                     "pipeline": str(args.pipeline), "seed": args.seed + start, **gen.settings,
                     "neighbours": None if gen.neighbours is None else gen.neighbours[j],
                     "clap_score": None if gen.clap_scores is None else gen.clap_scores[j],
+                    "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
                 },
             })
         log.info("generated %d/%d clips", min(start + args.batch_size, len(prompts)), len(prompts))

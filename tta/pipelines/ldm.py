@@ -65,13 +65,18 @@ class TextToAudioPipeline:
         module: a (trained) `LatentDiffusionModule` (eval mode).
         vocoder: a `Vocoder` on the same mel front-end as the module.
         defaults: sampling defaults (``steps``, ``sampler``, ``guidance``, ``candidates``).
+        rerank_clap: the CLAP that scores candidates (``candidates > 1``); default: the model's own,
+            which must then have an audio tower (imported public AudioLDM pipelines have only the
+            text tower: give a full CLAP here, e.g. a ``clap_trainer`` checkpoint's).
     """
 
-    def __init__(self, module: LatentDiffusionModule, vocoder: Vocoder, defaults: dict[str, Any] | None = None) -> None:
+    def __init__(self, module: LatentDiffusionModule, vocoder: Vocoder, defaults: dict[str, Any] | None = None,
+                 rerank_clap: torch.nn.Module | None = None) -> None:
         check_composition(module.mel_config, vocoder, "the diffusion model's VAE and the vocoder")
         self.module = module.eval()
         self.vocoder = vocoder.eval()
         self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.rerank_clap = None if rerank_clap is None else rerank_clap.eval()
 
     @property
     def mel_config(self) -> MelConfig:
@@ -84,6 +89,8 @@ class TextToAudioPipeline:
     def to(self, device: torch.device | str) -> TextToAudioPipeline:
         self.module.to(device)
         self.vocoder.to(device)
+        if self.rerank_clap is not None:
+            self.rerank_clap.to(device)
         return self
 
     def frames_for(self, duration: float) -> int:
@@ -123,7 +130,8 @@ class TextToAudioPipeline:
         if n > 1:
             wav, mel, scores = self._rerank(prompts, wav, mel, n)
         flags = check_output(wav, allow_silent=allow_silent, names=prompts)
-        settings = {"steps": steps, "sampler": sampler, "guidance": guidance, "candidates": n}
+        settings = {"steps": steps, "sampler": sampler, "guidance": guidance, "candidates": n,
+                    "rerank_clap": "separate" if n > 1 and self.rerank_clap is not None else None}
         return Generation(wav.cpu(), mel.cpu(), self.sample_rate, prompts, scores, neighbours, flags, settings)
 
     def __call__(self, prompts: str | list[str], duration: float = 10.24, **kwargs: Any) -> list[torch.Tensor]:
@@ -134,8 +142,9 @@ class TextToAudioPipeline:
                 n: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         from tta.data.audio import resample
 
-        clap = self.module.model.text.clap
-        audio = resample(wav, self.sample_rate, clap.sample_rate)
+        clap = self.rerank_clap if self.rerank_clap is not None else self.module.model.text.clap
+        device = next(clap.parameters()).device
+        audio = resample(wav, self.sample_rate, clap.sample_rate).to(device)
         sims = (clap.embed_audio(audio).float() * clap.embed_text(
             [p for p in prompts for _ in range(n)]).float()).sum(-1).view(len(prompts), n)
         best = sims.argmax(dim=1)
