@@ -125,3 +125,34 @@ def test_loss_is_mse_to_the_noise_for_an_oracle() -> None:
     assert s.loss(lambda xt, tt: torch.zeros_like(xt), x0, generator=torch.Generator().manual_seed(5)).item() == \
         pytest.approx(noise.pow(2).mean().item(), rel=1e-5)
     del t
+
+
+def test_editing_given_latents_starts_part_way_exactly() -> None:
+    """SDEdit (AudioLDM's style transfer): noise ``init`` to the timestep ``strength`` of the way up
+    and run only the last ``round(steps * strength)`` steps. With eps = 0, DDIM telescopes."""
+    s = DiffusionSchedule()
+    ac = s.alphas_cumprod
+    g = torch.Generator().manual_seed(2)
+    init, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    calls: list[int] = []
+
+    def zero_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    out = s.sample(zero_eps, tuple(init.shape), steps=10, noise=noise, init=init, strength=0.3)
+    assert calls == [201, 101, 1]  # DDIM timesteps 901, 801, ..., 1: the last 3
+    a = ac[201].item()
+    expected = (math.sqrt(a) * init + math.sqrt(1 - a) * noise) * math.sqrt(ac[0].item() / a)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for sampler in ("ddpm", "dpmsolver++"):
+        calls.clear()
+        edited = s.sample(zero_eps, tuple(init.shape), steps=10, sampler=sampler, noise=noise, init=init,
+                          strength=0.5, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == 5 and torch.isfinite(edited).all()
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        s.sample(zero_eps, tuple(init.shape), steps=10, init=init, strength=0.0)
+    with pytest.raises(ValueError, match="pass init"):
+        s.sample(zero_eps, tuple(init.shape), steps=10, strength=0.5)
+    with pytest.raises(ValueError, match="init latents have shape"):
+        s.sample(zero_eps, (1, 3, 4, 4), steps=10, init=init, strength=0.5)

@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a clap_trainer checkpoint whose CLAP scores the candidates (default: the pipeline's; "
                         "imported public AudioLDM pipelines hold only CLAP's text tower)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-audio", type=Path,
+                   help="style transfer (AudioLDM): re-generate this audio file towards each prompt")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --init-audio: how far to move from it, in (0, 1] (default 0.5)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="cpu")
     p.add_argument("--index", type=Path, help="retrieve from this `tta index build` directory (Re-AudioLDM)")
@@ -64,13 +68,21 @@ def generate(args: argparse.Namespace) -> int:
         if retrieval is None:
             raise ValueError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
         retrieval.use_index(str(args.index))
+    init_audio, strength = None, 1.0
+    if args.init_audio is not None:
+        from tta.data.audio import load_audio
+
+        init_audio, _ = load_audio(args.init_audio, pipe.sample_rate)
+        strength = 0.5 if args.strength is None else args.strength
+    elif args.strength is not None:
+        raise ValueError("--strength needs --init-audio (the audio to edit)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         gen = pipe.generate(batch, duration=args.duration, steps=args.steps, guidance=args.guidance,
                             seed=args.seed + start, sampler=args.sampler, candidates=args.candidates,
-                            allow_silent=args.allow_silent)
+                            allow_silent=args.allow_silent, init_audio=init_audio, strength=strength)
         for j, prompt in enumerate(batch):
             clip_id = f"{start + j:04d}_{safe_name(prompt)[:48]}"
             save_audio(args.out / f"{clip_id}.wav", gen.wav[j], gen.sample_rate)
@@ -83,6 +95,7 @@ def generate(args: argparse.Namespace) -> int:
                     "neighbours": None if gen.neighbours is None else gen.neighbours[j],
                     "clap_score": None if gen.clap_scores is None else gen.clap_scores[j],
                     "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
+                    "init_audio": None if args.init_audio is None else str(args.init_audio),
                 },
             })
         log.info("generated %d/%d clips", min(start + args.batch_size, len(prompts)), len(prompts))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,15 @@ class TextToAudioPipeline:
     def generate(self, prompts: str | list[str], duration: float = 10.24, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, sampler: str | None = None,
                  candidates: int | None = None, allow_silent: bool = False,
-                 noise: torch.Tensor | None = None) -> Generation:
+                 noise: torch.Tensor | None = None, init_audio: torch.Tensor | None = None,
+                 strength: float = 1.0) -> Generation:
         """Generate one clip per prompt (the best of ``candidates`` by CLAP text-audio score).
 
         ``noise``: initial latents ``(len(prompts) * candidates, C, h, w)`` instead of the seeded
-        draw (e.g. to reproduce another implementation's run).
+        draw (e.g. to reproduce another implementation's run). ``init_audio`` ``(T,)`` (for every
+        prompt) or ``(len(prompts), T)`` at `sample_rate`, padded/cropped to ``duration``, with
+        ``strength`` in (0, 1): AudioLDM's style transfer, that audio re-generated towards the
+        prompts (small strength keeps more of it).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -122,21 +127,35 @@ class TextToAudioPipeline:
             neighbours = model.retrieval.query_neighbours(model.text.embed(prompts))
         expanded = [p for p in prompts for _ in range(n)]
         expanded_nb = None if neighbours is None else [nb for nb in neighbours for _ in range(n)]
+        init_mel = None if init_audio is None else self._init_mel(init_audio, len(prompts), n, duration, frames)
         mel = self.module.generate_mel(expanded, frames, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                       neighbours=expanded_nb, noise=noise)
+                                       neighbours=expanded_nb, noise=noise, init_mel=init_mel, strength=strength)
         wav = self.vocoder(mel.to(next(self.vocoder.parameters(), mel).dtype)).float()
         wav = wav[..., : round(duration * self.sample_rate)]
         scores = None
         if n > 1:
             wav, mel, scores = self._rerank(prompts, wav, mel, n)
         flags = check_output(wav, allow_silent=allow_silent, names=prompts)
-        settings = {"steps": steps, "sampler": sampler, "guidance": guidance, "candidates": n,
+        settings = {"steps": steps, "sampler": sampler, "guidance": guidance, "candidates": n, "strength": strength,
                     "rerank_clap": "separate" if n > 1 and self.rerank_clap is not None else None}
         return Generation(wav.cpu(), mel.cpu(), self.sample_rate, prompts, scores, neighbours, flags, settings)
 
     def __call__(self, prompts: str | list[str], duration: float = 10.24, **kwargs: Any) -> list[torch.Tensor]:
         """Waveforms (one 1-D tensor per prompt) at `sample_rate`."""
         return list(self.generate(prompts, duration, **kwargs).wav)
+
+    def _init_mel(self, audio: torch.Tensor, batch: int, n: int, duration: float, frames: int) -> torch.Tensor:
+        """Log-mels ``(batch * n, n_mels, frames)`` of the audio to edit."""
+        from tta.encoders.cnn14 import fit_length
+
+        wav = audio.float()[None] if audio.dim() == 1 else audio.float()
+        if wav.dim() != 2 or wav.shape[0] not in (1, batch):
+            raise ValueError(f"init_audio must be (T,) or ({batch}, T) for {batch} prompts, got {tuple(audio.shape)}")
+        wav = fit_length(wav, round(duration * self.sample_rate)).expand(batch, -1)
+        mel = self.module.frontend(wav.to(self.module.device))[..., :frames]
+        if mel.shape[-1] < frames:  # the front-end's frame count for this length: pad with the log floor
+            mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=math.log(self.mel_config.log_floor))
+        return mel.repeat_interleave(n, dim=0)
 
     def _rerank(self, prompts: list[str], wav: torch.Tensor, mel: torch.Tensor,
                 n: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:

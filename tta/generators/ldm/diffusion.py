@@ -134,16 +134,37 @@ class DiffusionSchedule(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         noise: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Run ``sampler`` for ``steps`` from Gaussian noise of ``shape`` (drawn from the CPU
-        ``generator``, so the result is identical on every device) and return ``x_0``."""
+        ``generator``, so the result is identical on every device) and return ``x_0``.
+
+        With ``init`` (latents of ``shape``), SDEdit-style editing as AudioLDM's style transfer:
+        ``init`` is noised to the timestep ``strength`` of the way up the schedule and only the
+        last ``round(steps * strength)`` (at least 1) steps run; ``strength`` 1 starts from noise
+        at the first timestep."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if init is None and strength != 1.0:
+            raise ValueError("strength < 1 edits given latents: pass init")
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(steps)
-        x = torch.randn(shape, generator=generator) if noise is None else noise.clone()
-        x = (x * scheduler.init_noise_sigma).to(device)
-        for t in scheduler.timesteps:
+        timesteps = scheduler.timesteps
+        eps = torch.randn(shape, generator=generator) if noise is None else noise.clone()
+        if init is None:
+            x = (eps * scheduler.init_noise_sigma).to(device)
+        else:
+            if tuple(init.shape) != tuple(shape):
+                raise ValueError(f"init latents have shape {tuple(init.shape)}, expected {tuple(shape)}")
+            start = min(steps - round(steps * strength), steps - 1)
+            timesteps = timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start * scheduler.order)
+            x = scheduler.add_noise(init.detach().float().cpu(), eps.float(), timesteps[:1]).to(device)
+        for t in timesteps:
             t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
             out = denoiser(scheduler.scale_model_input(x, t), t_batch)
             # DDPM draws its step noise from the CPU generator (diffusers moves it to the device)

@@ -153,8 +153,11 @@ class LatentDiffusion(nn.Module):
         guidance_drop: Sequence[str] = CONDITIONS,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """Latents ``(B, *shape)`` for a batch conditioning (CFG with ``guidance``)."""
+        """Latents ``(B, *shape)`` for a batch conditioning (CFG with ``guidance``); ``init`` /
+        ``strength``: edit given latents (`DiffusionSchedule.sample`)."""
         if guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {guidance}")
         batch = cond.film.shape[0] if cond.film is not None else len(next(iter(cond.context.values()))[0])
@@ -167,4 +170,4 @@ class LatentDiffusion(nn.Module):
             lambda a, b: a.cat(b),
         )
         return self.schedule.sample(denoiser, (batch, *shape), steps=steps, sampler=sampler, generator=generator,
-                                    device=device, noise=noise)
+                                    device=device, noise=noise, init=init, strength=strength)

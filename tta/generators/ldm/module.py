@@ -268,10 +268,13 @@ class LatentDiffusionModule(TTAModule):
     @torch.no_grad()
     def generate_mel(self, captions: list[str], frames: int, steps: int = 50, sampler: str = "ddim",
                      guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
-                     noise: torch.Tensor | None = None) -> torch.Tensor:
+                     noise: torch.Tensor | None = None, init_mel: torch.Tensor | None = None,
+                     strength: float = 1.0) -> torch.Tensor:
         """Log-mels ``(B, n_mels, frames)`` for ``captions`` (retrieval: the given neighbours, or
         an index query with the prompts' CLAP text embeddings); ``noise``: the initial latents
-        ``(B, *codec.latent_shape(frames))`` instead of the seeded draw."""
+        ``(B, *codec.latent_shape(frames))`` instead of the seeded draw; ``init_mel`` ``(B, n_mels,
+        frames)`` with ``strength`` < 1: edit that audio towards the captions (AudioLDM's style
+        transfer)."""
         model = self.model
         if model.retrieval is not None and neighbours is None:
             neighbours = model.retrieval.query_neighbours(model.text.embed(captions))
@@ -280,7 +283,14 @@ class LatentDiffusionModule(TTAModule):
         shape = self.codec.latent_shape(frames)
         if noise is not None and tuple(noise.shape) != (len(captions), *shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(captions), *shape)}")
-        z = model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise)
+        init = None
+        if init_mel is not None:
+            expected = (len(captions), self.mel_config.n_mels, frames)
+            if tuple(init_mel.shape) != expected:
+                raise ValueError(f"init_mel has shape {tuple(init_mel.shape)}, expected {expected}")
+            init = self.codec.encode(init_mel.to(self.device, torch.float32), sample=False)
+        z = model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise,
+                         init=init, strength=strength)
         return self.codec.decode(z.to(next(self.codec.parameters()).dtype), frames)
 
     @torch.no_grad()
