@@ -146,12 +146,12 @@ class TextToAudioPipeline:
 
     def _init_mel(self, audio: torch.Tensor, batch: int, n: int, duration: float, frames: int) -> torch.Tensor:
         """Log-mels ``(batch * n, n_mels, frames)`` of the audio to edit."""
-        from tta.encoders.cnn14 import fit_length
+        from tta.data.audio import pad_or_crop
 
         wav = audio.float()[None] if audio.dim() == 1 else audio.float()
         if wav.dim() != 2 or wav.shape[0] not in (1, batch):
             raise ValueError(f"init_audio must be (T,) or ({batch}, T) for {batch} prompts, got {tuple(audio.shape)}")
-        wav = fit_length(wav, round(duration * self.sample_rate)).expand(batch, -1)
+        wav = pad_or_crop(wav, round(duration * self.sample_rate)).expand(batch, -1)
         mel = self.module.frontend(wav.to(self.module.device))[..., :frames]
         if mel.shape[-1] < frames:  # the front-end's frame count for this length: pad with the log floor
             mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=math.log(self.mel_config.log_floor))
