@@ -121,6 +121,12 @@ def test_re_audioldm_trains_and_generates_on_the_device(re_audioldm_ckpt: Path, 
                  "--out", str(out), "--device", DEVICE, "--allow-silent"]) == 0
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all((out / r["audio"]).is_file() for r in rows)
+    edited = tmp_path / "edited"  # style transfer of the first generation, and CLAP re-ranking, on the device
+    assert main(["generate", "a dog barks", "--pipeline", str(pipe_dir), "--duration", "0.5", "--out", str(edited),
+                 "--device", DEVICE, "--allow-silent", "--init-audio", str(out / rows[0]["audio"]),
+                 "--strength", "0.5", "--candidates", "2"]) == 0
+    row = json.loads((edited / "generations.jsonl").read_text())
+    assert row["generation"]["strength"] == 0.5 and -1.0 <= row["generation"]["clap_score"] <= 1.0
 
 
 def test_generation_on_the_device_matches_the_cpu(re_audioldm_ckpt: Path, tmp_path: Path) -> None:

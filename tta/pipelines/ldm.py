@@ -166,9 +166,9 @@ class TextToAudioPipeline:
         audio = resample(wav, self.sample_rate, clap.sample_rate).to(device)
         sims = (clap.embed_audio(audio).float() * clap.embed_text(
             [p for p in prompts for _ in range(n)]).float()).sum(-1).view(len(prompts), n)
-        best = sims.argmax(dim=1)
+        best = sims.argmax(dim=1).cpu()
         rows = torch.arange(len(prompts)) * n + best
-        return wav[rows], mel[rows], sims.max(dim=1).values.tolist()
+        return wav[rows.to(wav.device)], mel[rows.to(mel.device)], sims.max(dim=1).values.tolist()
 
 
 # ------------------------------------------------------------------------- folders
