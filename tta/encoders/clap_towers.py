@@ -33,18 +33,12 @@ def load_clap_network(
     checkpoint: str | os.PathLike, use_ema: bool = False
 ) -> nn.Module:
     """The `CLAP` network of a ``clap_trainer`` checkpoint (TypeError for another module)."""
-    from tta.training.loading import load_trained
+    from tta.training.loading import load_trained_part
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CLAP checkpoint not found: {path}")
-    module = load_trained(path, use_ema=use_ema)
-    clap = getattr(module, "clap", None)
-    if clap is None:
-        raise TypeError(
-            f"{path} is a {type(module).__name__} checkpoint, not a CLAP (clap_trainer) one"
-        )
-    return clap
+    return load_trained_part(path, "clap", "CLAP (clap_trainer)", use_ema=use_ema)[1]
 
 
 def _take_tower(tower: nn.Module, side: str, checkpoint: str, use_ema: bool, project: bool) -> None:

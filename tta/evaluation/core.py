@@ -167,11 +167,14 @@ class _Run:
         for idx, wav in stack_by_length(
             self._for_model(loaded, self.embedder.sample_rate)
         ):
-            emb, logits = self.embedder.embed_and_classify(wav)
+            if getattr(self.embedder, "fad_frames", False):  # FAD over frames: no pooled embedding needed
+                emb = self.embedder.frame_embed(wav)
+                logits = self.embedder.classify(wav) if self.embedder.has_classifier else None
+            else:
+                emb, logits = self.embedder.embed_and_classify(wav)
             sub = [ids[i] for i in idx]
             if self.fad is not None and (not real or self.fad.reference_stats is None):
-                frames = getattr(self.embedder, "fad_frames", False)
-                self.fad.update(self.embedder.frame_embed(wav) if frames else emb, sub, real=real)
+                self.fad.update(emb, sub, real=real)
             if logits is None:
                 continue
             keep = [j for j, i in enumerate(idx) if ok[i]]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tta.metrics.pairing import IdMetric, PairedIdMetric
+from tta.metrics.pairing import PairedIdMetric
 from tta.registry import register
 
 __all__ = ["CLAPAudioScore", "CLAPScore", "clap_cosine"]
@@ -30,7 +30,7 @@ def clap_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Ten
 
 
 @register("metric", "clap_score")
-class CLAPScore(IdMetric):
+class CLAPScore(PairedIdMetric):
     """Mean text-audio cosine (eq. 7). ``update(audio, texts, ids)``.
 
     With a ``clap`` network (`tta.encoders.clap.network.CLAP`), ``audio`` is a waveform batch at
@@ -65,16 +65,10 @@ class CLAPScore(IdMetric):
         self.scores.append(scores.to(self.device))
         self.ids.append(self._hashes(ids, scores.shape[0], "clips"))
 
-    def compute(self) -> torch.Tensor:
+    def _values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not len(self.scores):
             raise ValueError("CLAPScore: no clips were given")
-        return self.unique(self.ids, self.scores)[1].mean()
-
-    def per_item(self) -> tuple[list[str], torch.Tensor]:
-        """Clip ids and their scores, synced over ranks."""
-        with self.synced():
-            hashes, scores = self.unique(self.ids, self.scores)
-        return [self.name_of(h) for h in hashes.tolist()], scores
+        return self.unique(self.ids, self.scores)
 
 
 @register("metric", "clap_audio")

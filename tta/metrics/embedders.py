@@ -226,15 +226,9 @@ class CLAPAudioEmbedder(_TorchEmbedder):
         cls, path: str | os.PathLike, device: str = "cpu", use_ema: bool = False
     ) -> CLAPAudioEmbedder:
         """The CLAP network of a ``clap_trainer`` checkpoint written by ``tta fit``."""
-        from tta.training.loading import load_trained
+        from tta.encoders.clap_towers import load_clap_network
 
-        module = load_trained(path, use_ema=use_ema)
-        clap = getattr(module, "clap", None)
-        if clap is None:
-            raise TypeError(
-                f"{path} holds a {type(module).__name__}, not a CLAP module (clap_trainer)"
-            )
-        return cls(clap, weight_hash=file_sha256(path), device=device)
+        return cls(load_clap_network(path, use_ema=use_ema), weight_hash=file_sha256(path), device=device)
 
     def embed(self, wav: torch.Tensor) -> torch.Tensor:
         return self._run(self.model.embed_audio, wav)

@@ -15,8 +15,6 @@ full reference statistics, fits ``FAD = a + b / N`` by least squares and reports
 
 from __future__ import annotations
 
-import itertools
-
 import json
 import os
 from dataclasses import dataclass, field
@@ -236,9 +234,6 @@ def fad_infinity(
     }
 
 
-_frame_clips = itertools.count()  # anonymous clips of per-frame updates
-
-
 @register("metric", "fad")
 class FrechetAudioDistance(IdMetric):
     """FAD between generated and reference clip embeddings (a `torchmetrics.Metric`).
@@ -274,11 +269,10 @@ class FrechetAudioDistance(IdMetric):
             )
         if emb.dim() == 3:  # P samples per clip, each with its own id "clip#p" (DDP repeats still count once)
             b, frames = emb.shape[:2]
-            if ids is None:
-                ids = [f"\x00frames-{id(self)}-{next(_frame_clips)}" for _ in range(b)]
-            elif len(ids) != b:
-                raise ValueError(f"FrechetAudioDistance.update: {len(ids)} ids for {b} clips")
-            ids = [f"{i}#{p}" for i in ids for p in range(frames)]
+            if ids is not None:  # without ids every frame is anonymous (never de-duplicated) anyway
+                if len(ids) != b:
+                    raise ValueError(f"FrechetAudioDistance.update: {len(ids)} ids for {b} clips")
+                ids = [f"{i}#{p}" for i in ids for p in range(frames)]
             emb = emb.reshape(b * frames, emb.shape[-1])
         side = "ref" if real else "gen"
         getattr(self, f"{side}_emb").append(emb.detach().to(self.device, torch.float64))

@@ -23,7 +23,7 @@ import torch
 
 from tta.data.mel import MelFrontend
 from tta.metrics.fad import GaussianStats, frechet_distance
-from tta.metrics.pairing import IdMetric
+from tta.metrics.pairing import IdMetric, PairedIdMetric
 from tta.registry import register
 
 __all__ = [
@@ -87,7 +87,7 @@ class _SpecMetric(IdMetric):
 
 
 @register("metric", "spec_psnr")
-class SpectrogramPSNR(_SpecMetric):
+class SpectrogramPSNR(_SpecMetric, PairedIdMetric):
     """Mean PSNR between generated and target spectrograms, paired in each call.
 
     ``update(generated, target, ids)``: waveforms (with ``frontend``) or log-mels of the same clips.
@@ -111,15 +111,10 @@ class SpectrogramPSNR(_SpecMetric):
         self.values.append(values.to(self.device))
         self.ids.append(self._hashes(ids, values.shape[0], "pairs"))
 
-    def compute(self) -> torch.Tensor:
+    def _values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not len(self.values):
             raise ValueError("SpectrogramPSNR: no pairs were given")
-        return self.unique(self.ids, self.values)[1].mean()
-
-    def per_item(self) -> tuple[list[str], torch.Tensor]:
-        with self.synced():
-            hashes, values = self.unique(self.ids, self.values)
-        return [self.name_of(h) for h in hashes.tolist()], values
+        return self.unique(self.ids, self.values)
 
 
 @register("metric", "spec_fid")

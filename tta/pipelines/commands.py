@@ -60,9 +60,9 @@ def generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
     if args.rerank_clap is not None:
-        from tta.metrics.embedders import CLAPAudioEmbedder
+        from tta.encoders.clap_towers import load_clap_network
 
-        pipe.rerank_clap = CLAPAudioEmbedder.from_checkpoint(args.rerank_clap).model.eval().to(args.device)
+        pipe.rerank_clap = load_clap_network(args.rerank_clap).to(args.device)
     if args.index is not None:
         retrieval = pipe.module.model.retrieval
         if retrieval is None:

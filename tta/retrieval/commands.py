@@ -13,23 +13,14 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _load_clap(ckpt: Path) -> torch.nn.Module:
-    from tta.training.loading import load_trained
-
-    module = load_trained(ckpt)
-    clap = getattr(module, "clap", None)
-    if clap is None:
-        raise TypeError(f"{ckpt} is a {type(module).__name__} checkpoint, not a CLAP one")
-    return clap
-
-
 def build(args: argparse.Namespace) -> int:
     """Embed the manifest, write the index, the id map, metadata and the neighbour table."""
+    from tta.encoders.clap_towers import load_clap_network
     from tta.retrieval.embed import embed_manifest, file_hash
     from tta.retrieval.index import IndexSpec, build_index
     from tta.retrieval.neighbours import build_neighbour_table, save_neighbour_table
 
-    clap = _load_clap(args.clap)
+    clap = load_clap_network(args.clap)
     store = embed_manifest(clap, args.manifest, splits=args.splits, clip_seconds=args.clip_seconds)
     knobs = {name: getattr(args, name) for name in ("nbits", "nlist", "nprobe") if getattr(args, name) is not None}
     spec = IndexSpec(**({"type": args.type} if args.type else {}), **knobs)
@@ -56,6 +47,7 @@ def search(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tta.encoders.clap_towers import load_clap_network
     from tta.retrieval.embed import file_hash
     from tta.retrieval.index import EmbeddingIndex
 
@@ -64,7 +56,7 @@ def search(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise FileNotFoundError(f"CLAP checkpoint {ckpt} not found; pass --clap")
     index = EmbeddingIndex.load(args.index, expect_model_hash=file_hash(ckpt))
-    clap = _load_clap(ckpt)
+    clap = load_clap_network(ckpt)
     with torch.no_grad():
         query = clap.embed_text([args.query]).float().numpy()
     ids, scores = index.search(np.ascontiguousarray(query, dtype=np.float32), k=args.k)

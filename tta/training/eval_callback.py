@@ -104,9 +104,9 @@ class EvalMetricsCallback(L.Callback):
             spec = self.embedder_spec
             self._embedder = build_embedder(spec) if isinstance(spec, str) else spec
         if self.clap is None and self.clap_checkpoint is not None:
-            from tta.metrics.embedders import CLAPAudioEmbedder
+            from tta.encoders.clap_towers import load_clap_network
 
-            self.clap = CLAPAudioEmbedder.from_checkpoint(self.clap_checkpoint).model
+            self.clap = load_clap_network(self.clap_checkpoint)
         return self._embedder, self.clap
 
     def on_validation_epoch_end(

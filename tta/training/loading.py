@@ -62,6 +62,17 @@ def load_trained(path: str | os.PathLike, use_ema: bool = False, map_location: s
     return trained_from_checkpoint(load_checkpoint(path, map_location=map_location), path, use_ema)
 
 
+def load_trained_part(path: str | os.PathLike, attr: str, what: str,
+                      use_ema: bool = False) -> tuple[L.LightningModule, Any]:
+    """`load_trained` and the module's ``attr`` network (e.g. ``clap``); a TypeError names the
+    module a checkpoint holds when it has no ``attr`` (``what``: the checkpoint kind expected)."""
+    module = load_trained(path, use_ema=use_ema)
+    part = getattr(module, attr, None)
+    if part is None:
+        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a {what} one (no `{attr}`)")
+    return module, part
+
+
 def trained_from_checkpoint(ckpt: Mapping[str, Any], source: str | os.PathLike,
                             use_ema: bool = False) -> L.LightningModule:
     """`load_trained` for a checkpoint already read (``source`` names it in errors)."""

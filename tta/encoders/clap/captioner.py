@@ -201,15 +201,12 @@ def load_clap(clap: CLAP | None, clap_checkpoint: str | os.PathLike | None, use_
         raise ValueError("ClapCaptioner needs exactly one of `clap` (a CLAP network) and `clap_checkpoint` (a path)")
     if clap is not None:
         return clap
-    from tta.training.loading import load_trained
+    from tta.encoders.clap_towers import load_clap_network
 
-    module = load_trained(clap_checkpoint, use_ema=use_ema)
-    network = getattr(module, "clap", None)
-    if not isinstance(network, CLAP):
-        raise TypeError(
-            f"{clap_checkpoint}: holds a {type(module).__name__} without a CLAP network; "
-            "expected a `clap_trainer` checkpoint"
-        )
+    network = load_clap_network(clap_checkpoint, use_ema=use_ema)
+    if not isinstance(network, CLAP):  # a text-only CLAP cannot hear the clips it captions
+        raise TypeError(f"{clap_checkpoint}: holds a {type(network).__name__}, not a full CLAP network; "
+                        "expected a `clap_trainer` checkpoint")
     return network
 
 

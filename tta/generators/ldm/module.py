@@ -34,19 +34,10 @@ from tta.generators.vae.codec import LatentCodec
 from tta.generators.vae.network import AutoencoderKL
 from tta.registry import register
 from tta.training.base import TTAModule
+from tta.training.loading import load_trained_part
 from tta.training.schedule import adamw_with_warmup
 
 log = logging.getLogger(__name__)
-
-
-def _load_component(path: str, attr: str, what: str) -> Any:
-    from tta.training.loading import load_trained
-
-    module = load_trained(path)
-    part = getattr(module, attr, None)
-    if part is None:
-        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a {what} one (no `{attr}`)")
-    return module, part
 
 
 @register("module", "latent_diffusion")
@@ -129,7 +120,7 @@ class LatentDiffusionModule(TTAModule):
         if (path is None) == (vae is None):
             raise ValueError("give exactly one of vae_checkpoint (a `vae` checkpoint) and vae (a network)")
         if path is not None:
-            vae_module, vae = _load_component(path, "autoencoder", "vae")
+            vae_module, vae = load_trained_part(path, "autoencoder", "vae")
             self.mel_config.check_compatible(vae_module.mel_config, f"this model and the VAE of {path}")
             stored = float(vae_module.scale_factor)
             if scale is not None and not math.isclose(scale, stored, rel_tol=1e-6):
@@ -144,7 +135,7 @@ class LatentDiffusionModule(TTAModule):
         if (path is None) == (clap is None):
             raise ValueError("give exactly one of clap_checkpoint (a `clap_trainer` checkpoint) and clap (a network)")
         if path is not None:
-            _, clap = _load_component(path, "clap", "CLAP")
+            _, clap = load_trained_part(path, "clap", "CLAP")
         clap.requires_grad_(False)
         if hasattr(clap, "freeze_all"):
             clap.freeze_all()
@@ -154,14 +145,11 @@ class LatentDiffusionModule(TTAModule):
     def _check_film_source(source: str, clap: nn.Module) -> str:
         if source not in ("text", "audio"):
             raise ValueError(f"film_source must be 'text' or 'audio', got {source!r}")
-        if source == "audio":
-            from tta.encoders.clap.text_only import NoAudioTowerError
+        from tta.encoders.clap.text_only import ClapTextOnly
 
-            try:
-                clap.sample_rate
-            except NoAudioTowerError as err:
-                raise ValueError("film_source='audio' needs a CLAP with an audio tower; this one is text-only "
-                                 "(e.g. imported from a public AudioLDM): use film_source='text'") from err
+        if source == "audio" and isinstance(clap, ClapTextOnly):
+            raise ValueError("film_source='audio' needs a CLAP with an audio tower; this one is text-only "
+                             "(e.g. imported from a public AudioLDM): use film_source='text'")
         return source
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
