@@ -30,14 +30,24 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     assert 0.0 <= clap["text_to_audio_test"]["R@1"] <= clap["text_to_audio_test"]["R@10"] <= 1.0
     assert clap["zero_shot_heldout_clips"] > 0 and 0.0 <= clap["zero_shot_heldout_accuracy"] <= 1.0
     assert len(clap["example_retrievals"]) == 3 and all(len(e["results"]) == 3 for e in clap["example_retrievals"])
-    t2a = report["text_to_audio"]["models"]
-    assert set(t2a) == {"audioldm", "re_audioldm"}
-    for m in t2a.values():
-        assert m["training"]["steps"] == 2 and m["prompts"] > 0 and -1.0 <= m["clap_score"] <= 1.0
+    t2a = report["text_to_audio"]
+    assert set(t2a["models"]) == {"audioldm", "re_audioldm"}
+    assert "training split only" in t2a["retrieval_datastore"]
+    rows = t2a["judge"]["rows"]
+    assert set(rows) == {"real test clips", "VAE-reconstructed real clips", "AudioLDM", "Re-AudioLDM"}
+    for name, row in rows.items():  # every row carries point estimates with bootstrap intervals
+        acc = row["accuracy_all"]
+        assert acc["n"] == t2a["judge"]["prompts"] == 3 and acc["low"] <= acc["mean"] <= acc["high"], (name, acc)
+    assert all(name in t2a["table"] for name in rows) and "chance" in t2a["table"]
+    tail = t2a["tail_difference"]
+    assert tail["low"] <= tail["mean"] <= tail["high"] and "Re-AudioLDM - AudioLDM tail accuracy" in tail["statement"]
+    for m in t2a["models"].values():
+        assert m["training"]["steps"] == 2 and m["prompts"] == 3 and -1.0 <= m["clap_score"] <= 1.0
         assert 0.0 <= m["accuracy"]["all"] <= 1.0
-        assert len(list(Path(m["audio_dir"]).glob("*.wav"))) == m["prompts"]
-    assert all(len(e["neighbours"]) == 3 for e in t2a["re_audioldm"]["examples"])
-    for m in t2a.values():  # FAD / KL / IS with YAMNet and the CLAP score, through `tta.evaluation`
+        assert len(list(Path(m["audio_dir"]).glob("griffinlim/*.wav"))) == m["prompts"]  # what the judge heard
+        assert len(list(Path(m["audio_dir"]).glob("*.wav"))) == 3  # HiFi-GAN listening examples
+    assert all(len(e["neighbours"]) == 3 for e in t2a["models"]["re_audioldm"]["examples"])
+    for m in t2a["models"].values():  # FAD / KL / IS with YAMNet and the CLAP score, through `tta.evaluation`
         names = set(m["evaluation"]["metrics"])
         assert {"fad", "is", "clap_score"} <= names and any(n.startswith("kl") for n in names), names
         assert (Path(m["evaluation"]["eval_dir"]) / "eval.md").is_file()

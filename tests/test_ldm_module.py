@@ -251,3 +251,39 @@ def test_uncaptioned_clips_warn_once_with_text_film(bert: Path, caplog: pytest.L
         assert module._film(batch) is None and module._film(batch) is None
     warned = [r for r in caplog.records if "uncaptioned clips" in r.getMessage()]
     assert len(warned) == 1 and "'b'" in warned[0].getMessage()
+
+
+def _loss_sequence(module: LatentDiffusionModule, batches: list[dict[str, Any]], steps: int, root: Path) -> list[float]:
+    import lightning as L
+
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    loader = torch.utils.data.DataLoader(range(steps), batch_size=1, collate_fn=lambda i: batches[i[0] % len(batches)])
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                        callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=loader)
+    return losses
+
+
+@pytest.mark.parametrize("film_source", ["text", "audio"])
+def test_training_from_the_frozen_cache_equals_live_encoding(bert: Path, batch: dict[str, Any], tmp_path: Path,
+                                                             film_source: str, single_thread: None) -> None:
+    """`cache_frozen`: the VAE posterior (and CLAP audio embedding) are computed once per segment
+    and the loss sequence equals live encoding's for the same seed (posterior still sampled)."""
+    other = {**batch, "start": [s + 1 for s in batch["start"]]}  # same clips, other segments: new keys
+    live = _loss_sequence(make_module(bert, film_source=film_source), [batch, other], 6, tmp_path / "live")
+    module = make_module(bert, film_source=film_source, cache_frozen=True)
+    calls: list[int] = []
+    moments = module.codec.moments
+    module.codec.moments = lambda mel: calls.append(mel.shape[0]) or moments(mel)  # type: ignore[method-assign]
+    cached = _loss_sequence(module, [batch, other], 6, tmp_path / "cached")
+    assert len(live) == 6 and len(set(live)) > 1  # steps differ (noise and times are drawn per step)
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-5, atol=1e-6)
+    assert calls == [len(batch["id"])] * 2  # each segment encoded once, then read from the cache
+    assert len(module._caches["moments"]) == 2 * len(batch["id"])
+    assert len(module._caches["film"]) == (2 * len(batch["id"]) if film_source == "audio" else 0)

@@ -3,10 +3,18 @@ long-tail dataset, with the frozen VAE and CLAP of the earlier stages.
 
 Steps: (1) the neighbour feature store of every clip (CLAP audio-tower tokens + MiniLM caption
 tokens) through the ``predict`` path; (2) train ``configs/demo/audioldm.yaml`` and
-``configs/demo/re_audioldm.yaml``; (3) generate the test split's prompts (clips never trained
-on; Re-AudioLDM retrieves from the training clips only); (4) score the generations: CLAP score
-(text-audio cosine, demo CLAP) and accuracy under a linear classifier trained on the CLAP
-embeddings of real training clips, split into head / tail classes by training frequency.
+``configs/demo/re_audioldm.yaml`` for their fixed step budgets; (3) generate every captioned
+test-split prompt (clips never trained on; Re-AudioLDM retrieves from the *training* clips only);
+(4) score the generations with the demo's judge (`tta.evaluation.judge`): accuracy of a linear
+classifier trained on the CLAP embeddings of real training clips (all / head / tail classes),
+CLAP score and the share of silent / noise-only clips, each with a bootstrap 95 % interval,
+beside the real test clips, the VAE-reconstructed real clips (this VAE + vocoder's ceiling) and
+chance; (5) FAD / KL / IS with YAMNet through `tta.evaluation.evaluate`.
+
+The judge hears the mels through Griffin-Lim (`JUDGE_VOCODER`): the judge's ceiling rows use the
+same vocoder, Griffin-Lim reproduces the mel the judge's CLAP reads (real clips: same accuracy
+as the original audio), and it is ~12x faster on a CPU than the universal HiFi-GAN, which
+vocodes the listening examples (`LISTEN_CLIPS` per model).
 """
 
 from __future__ import annotations
@@ -14,18 +22,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from tta.data.audio import resample, save_audio
+from tta.data.audio import save_audio
 from tta.data.manifest import read_manifest
 from tta.demo_clap import instantiate_config
+from tta.evaluation.judge import Judge, Scores, format_table, paired_difference
 
 log = logging.getLogger(__name__)
+
+SYSTEMS = {"audioldm": "AudioLDM", "re_audioldm": "Re-AudioLDM"}
+JUDGE_VOCODER = "griffinlim"
+LISTEN_CLIPS = 4
+GUIDANCE = 3.5
+SECONDS = 3.0
+SAMPLE_STEPS = 20  # DPM-Solver++ (DDPM) or Euler (rectified flow) steps of the demo's generations
+CHUNK = 18  # prompts sampled together (CFG doubles the UNet batch)
 
 
 def build_features(out: Path, clap_ckpt: str, config: Path, data_dir: Path | None) -> Path:
@@ -38,147 +53,176 @@ def build_features(out: Path, clap_ckpt: str, config: Path, data_dir: Path | Non
     return store
 
 
-def train_linear_probe(emb: torch.Tensor, labels: list[list[str]], classes: list[str],
-                       steps: int = 300) -> torch.nn.Linear:
-    """A multi-label linear classifier (sigmoid BCE) on frozen embeddings of real clips."""
-    target = torch.zeros(len(labels), len(classes))
-    for i, ls in enumerate(labels):
-        for c in ls:
-            target[i, classes.index(c)] = 1.0
-    probe = torch.nn.Linear(emb.shape[1], len(classes))
-    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad()
-            F.binary_cross_entropy_with_logits(probe(emb.detach()), target).backward()
-            opt.step()
-    return probe.eval()
+def train_system(name: str, out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, features: Path | None,
+                 steps: int | None, data_dir: Path | None, extra: list[str] | tuple[str, ...] = ()) -> tuple[Any, Any, float]:
+    """Train the demo config ``name`` (``audioldm``, ``re_audioldm``, ...) with the given frozen
+    parts; returns (module with its EMA weights, datamodule, training seconds)."""
+    from tta.demo import demo_config_path
+
+    args = [f"--model.init_args.vae_checkpoint={vae_ckpt}", f"--model.init_args.clap_checkpoint={clap_ckpt}", *extra]
+    if name.startswith("re_"):
+        args += [f"--model.init_args.retrieval.init_args.features={features}",
+                 f"--model.init_args.retrieval.init_args.index={index_dir}"]
+    module, datamodule, trainer = instantiate_config(demo_config_path(name), out / f"train_{name}", steps, data_dir, args)
+    log.info("training the demo %s for %s steps", name, trainer.max_steps)
+    t0 = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.time() - t0
+    if module.ema is not None:
+        module.ema.copy_to(module.ema_target())
+    return module.eval(), datamodule, seconds
 
 
-def _accuracy(pred: torch.Tensor, labels: list[list[str]], classes: list[str]) -> list[bool]:
-    """A generation is correct when the classifier's top class is one of its prompt's events."""
-    return [classes[int(p)] in ls for p, ls in zip(pred, labels)]
+def train_only_ids(items: list[Any]) -> set[str]:
+    """Ids a test-time retrieval must never return: every clip outside the training split."""
+    return {i.id for i in items if i.split != "train"}
+
+
+@torch.no_grad()
+def generate_mels(module: Any, prompts: list[str], banned: set[str], steps: int | None = None,
+                  sampler: str | None = None, guidance: float = GUIDANCE, seed: int = 0) -> torch.Tensor:
+    """Log-mels of ``prompts`` (``SECONDS`` each, in chunks); a retrieving model queries its index
+    with the prompts and never returns a clip in ``banned`` (validation / test / held-out)."""
+    model = module.model
+    sampler = sampler or model.process.fast_sampler
+    frames = module.frames_for(SECONDS)
+    mels = []
+    for s in range(0, len(prompts), CHUNK):
+        chunk = prompts[s : s + CHUNK]
+        neighbours = None
+        if model.retrieval is not None:
+            neighbours = model.retrieval.query_neighbours(model.text.embed(chunk), exclude=[banned] * len(chunk))
+        mels.append(module.generate_mel(chunk, frames, steps=steps, sampler=sampler, guidance=guidance,
+                                        seed=seed + s, neighbours=neighbours))
+    return torch.cat(mels)
+
+
+@torch.no_grad()
+def vocode(vocoder: Any, mels: torch.Tensor, samples: int) -> torch.Tensor:
+    """Waveforms ``(B, samples)`` in [-1, 1] of log-mels ``(B, n_mels, frames)``."""
+    return torch.cat([vocoder(mels[s : s + 16]).float().clamp(-1, 1)[..., :samples] for s in range(0, len(mels), 16)])
+
+
+def real_test_mels(judge: Judge, module: Any) -> torch.Tensor:
+    """Log-mels of the judge's real test clips (``SECONDS`` each, the model's front-end)."""
+    from tta.data.audio import load_audio
+
+    sr = module.mel_config.sample_rate
+    n = round(SECONDS * sr)
+    wav = torch.stack([torch.nn.functional.pad(w[:n], (0, max(0, n - w.shape[0])))
+                       for w in (load_audio(i.audio, sr)[0] for i in judge.test)])
+    return module.frontend(wav)[..., : module.frames_for(SECONDS)]
 
 
 def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, steps: int | None = None,
-                  data_dir: Path | None = None, n_prompts: int = 16, sample_steps: int = 25) -> dict[str, Any]:
+                  data_dir: Path | None = None, n_prompts: int | None = None,
+                  sample_steps: int = SAMPLE_STEPS) -> dict[str, Any]:
     """Train both demo diffusion models, generate the test prompts and score them."""
     from tta.demo import demo_config_path
     from tta.encoders.clap_towers import load_clap_network
-    from tta.pipelines.ldm import TextToAudioPipeline
     from tta.vocoders.factory import build_vocoder
 
     t0 = time.time()
     features = build_features(out, clap_ckpt, demo_config_path("retrieval_features"), data_dir)
     clap = load_clap_network(clap_ckpt).eval()
-    results: dict[str, Any] = {"feature_store": str(features), "models": {}}
-    items: list[Any] | None = None
-    judge: dict[str, Any] = {}
-    for name in ("audioldm", "re_audioldm"):
-        extra = [f"--model.init_args.vae_checkpoint={vae_ckpt}", f"--model.init_args.clap_checkpoint={clap_ckpt}"]
-        if name == "re_audioldm":
-            extra += [f"--model.init_args.retrieval.init_args.features={features}",
-                      f"--model.init_args.retrieval.init_args.index={index_dir}"]
-        module, datamodule, trainer = instantiate_config(demo_config_path(name), out / f"train_{name}", steps,
-                                                         data_dir, extra)
-        log.info("training the demo %s for %s steps", name, trainer.max_steps)
-        t_train = time.time()
-        trainer.fit(module, datamodule=datamodule)
-        train_seconds = time.time() - t_train
-        if module.ema is not None:
-            module.ema.copy_to(module.ema_target())
-        if items is None:
-            items = read_manifest(datamodule.manifest_path())
-            judge = _judge(items, clap, module.mel_config.sample_rate, n_prompts)
-        results["models"][name] = _generate_and_score(
-            out / f"generated_{name}", module, items, clap, judge, sample_steps,
-            TextToAudioPipeline(module.eval(), build_vocoder("universal", module.mel_config)),
-            datamodule.manifest_path())
-        results["models"][name]["training"] = {"steps": int(module.batches_trained), "seconds": round(train_seconds, 1)}
+    results: dict[str, Any] = {"feature_store": str(features), "models": {}, "judge_vocoder": JUDGE_VOCODER,
+                               "retrieval_datastore": "training split only: validation, test and held-out clips "
+                                                      "are excluded from every test-time query"}
+    judge: Judge | None = None
+    rows: dict[str, Scores] = {}
+    for name, title in SYSTEMS.items():
+        module, datamodule, seconds = train_system(name, out, vae_ckpt, clap_ckpt, index_dir, features, steps,
+                                                   data_dir)
+        items = read_manifest(datamodule.manifest_path())
+        sr, samples = module.mel_config.sample_rate, round(SECONDS * module.mel_config.sample_rate)
+        judge_voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
+        if judge is None:
+            judge = Judge.fit(clap, items, sr, n_prompts)
+            rows["real test clips"] = judge.real()
+            real = real_test_mels(judge, module)
+            recon = module.codec.decode(module.codec.encode(real, sample=False), real.shape[-1])
+            rows["VAE-reconstructed real clips"] = judge.score(vocode(judge_voc, recon, samples))
+        prompts = [i.captions[0] for i in judge.test]
+        t_gen = time.time()
+        banned = train_only_ids(items)
+        mels = generate_mels(module, prompts, banned, steps=sample_steps)
+        wav = vocode(judge_voc, mels, samples)
+        rows[title] = scores = judge.score(wav)
+        gen_seconds = time.time() - t_gen
+        results["models"][name] = _report_model(out / f"generated_{name}", module, judge, scores, mels, wav,
+                                                datamodule.manifest_path(), clap, sample_steps, banned)
+        results["models"][name]["training"] = {"steps": int(module.batches_trained), "seconds": round(seconds, 1)}
+        results["models"][name]["generation_seconds"] = round(gen_seconds, 1)
+    assert judge is not None
+    results["judge"] = {"prompts": len(judge.test), "classes": len(judge.classes), "chance": round(judge.chance, 4),
+                        "rows": {k: v.summary() for k, v in rows.items()}}
+    results["table"] = format_table(rows, judge.chance)
+    results["tail_difference"] = _tail_difference(rows)
     results["seconds"] = round(time.time() - t0, 1)
     return results
 
 
-@torch.no_grad()
-def _judge(items: list[Any], clap: Any, sr: int, n_prompts: int) -> dict[str, Any]:
-    """Test prompts, the head/tail split and a linear classifier trained on real training clips."""
-    from tta.data.audio import load_audio
-
-    train = [i for i in items if i.split == "train"]
-    test = [i for i in items if i.split == "test" and i.captions][:n_prompts]
-    classes = sorted({c for i in train for c in i.labels})
-    freq = Counter(c for i in train for c in i.labels)
-    median = sorted(freq.values())[len(freq) // 2]
-    head = {c for c, n in freq.items() if n >= median}
-    real = _embed(clap, [load_audio(i.audio, sr)[0] for i in train], sr)
-    probe = train_linear_probe(real, [i.labels for i in train], classes)
-    real_test = _embed(clap, [load_audio(i.audio, sr)[0] for i in test], sr)
-    return {"test": test, "classes": classes, "head": head, "probe": probe, "real_test": real_test}
+def _tail_difference(rows: dict[str, Scores]) -> dict[str, Any]:
+    """Re-AudioLDM minus AudioLDM tail accuracy on the same prompts, with its 95 % interval."""
+    diff, (low, high) = paired_difference(rows["AudioLDM"], rows["Re-AudioLDM"], key="accuracy", bucket="tail")
+    significant = low > 0 or high < 0
+    verdict = ("significant" if significant else "not significant at demo size (the interval contains 0)")
+    return {"mean": round(diff, 4), "low": round(low, 4), "high": round(high, 4), "significant": significant,
+            "statement": f"Re-AudioLDM - AudioLDM tail accuracy {diff:+.3f} [95% CI {low:+.3f}, {high:+.3f}]: {verdict}"}
 
 
-def _embed(clap: Any, wavs: list[torch.Tensor], sr: int) -> torch.Tensor:
-    return torch.cat([clap.embed_audio(resample(w[None], sr, clap.sample_rate)).float() for w in wavs])
+def _report_model(out: Path, module: Any, judge: Judge, scores: Scores, mels: torch.Tensor, wav: torch.Tensor,
+                  train_manifest: Path, clap: Any, sample_steps: int, banned: set[str]) -> dict[str, Any]:
+    """Write the listening examples (universal HiFi-GAN) and the YAMNet evaluation; the report entry."""
+    from tta.vocoders.factory import build_vocoder
 
-
-@torch.no_grad()
-def _generate_and_score(out: Path, module: Any, items: list[Any], clap: Any, judge: dict[str, Any], steps: int,
-                        pipe: Any, train_manifest: Path) -> dict[str, Any]:
-    test, classes, head, probe = judge["test"], judge["classes"], judge["head"], judge["probe"]
-    sr = pipe.sample_rate
-    prompts = [i.captions[0] for i in test]
-    model = module.model
-    neighbours = None
-    if model.retrieval is not None:  # retrieve from training clips only (never the test clip itself)
-        banned = {i.id for i in items if i.split != "train"}
-        neighbours = model.retrieval.query_neighbours(model.text.embed(prompts), exclude=[banned] * len(prompts))
-    frames = pipe.frames_for(3.0)
-    mel = module.generate_mel(prompts, frames, steps=steps, sampler="dpmsolver++", guidance=3.5, seed=0,
-                              neighbours=neighbours)
-    wav = pipe.vocoder(mel).float().clamp(-1, 1)
-    gen = _embed(clap, list(wav), sr)
-    clap_scores = (gen * clap.embed_text(prompts).float()).sum(-1)
-    correct = _accuracy(probe(gen).argmax(-1), [i.labels for i in test], classes)
-    real_test = judge["real_test"]
-    real_correct = _accuracy(probe(real_test).argmax(-1), [i.labels for i in test], classes)
+    sr = module.mel_config.sample_rate
     out.mkdir(parents=True, exist_ok=True)
-    for i, item in enumerate(test):
-        save_audio(out / f"{item.id}.wav", wav[i], sr)
-
-    def bucket(flags: list[bool], which: set[str] | None) -> float | None:
-        sel = [f for f, it in zip(flags, test) if which is None or any(c in which for c in it.labels)]
-        return round(sum(sel) / len(sel), 3) if sel else None
-
-    tail = set(classes) - head
-    evaluation = _yamnet_eval(out, test, wav, sr, clap, train_manifest, steps)
+    hifigan = build_vocoder("universal", module.mel_config)
+    listen = vocode(hifigan, mels[:LISTEN_CLIPS], wav.shape[-1])
+    for i, item in enumerate(judge.test[:LISTEN_CLIPS]):
+        save_audio(out / f"{item.id}.wav", listen[i], sr)
+    for i, item in enumerate(judge.test):
+        save_audio(out / "griffinlim" / f"{item.id}.wav", wav[i], sr)
+    process = module.model.process
+    generation = {"guidance": GUIDANCE, "steps": sample_steps,
+                  "sampler": process.fast_sampler, "process": process.registry_name}
+    summary = scores.summary()
     return {
-        "evaluation": evaluation,
-        "prompts": len(test),
-        "clap_score": round(float(clap_scores.mean()), 4),
-        "clap_score_real_test_clips": round(float((real_test * clap.embed_text(prompts).float()).sum(-1).mean()), 4),
-        "accuracy": {"all": bucket(correct, None), "head": bucket(correct, head), "tail": bucket(correct, tail)},
-        "accuracy_real_test_clips": {"all": bucket(real_correct, None), "head": bucket(real_correct, head),
-                                     "tail": bucket(real_correct, tail)},
-        "chance": round(1.0 / len(classes), 3),
-        "silent_clips": int((wav.abs().amax(-1) < 1e-4).sum()),
+        "evaluation": _yamnet_eval(out, judge.test, wav, sr, clap, train_manifest, generation),
+        "prompts": len(judge.test),
+        "generation": generation,
+        "judge": summary,
+        "clap_score": round(summary["clap"]["mean"], 4),
+        "accuracy": {b: summary[f"accuracy_{b}"]["mean"] for b in ("all", "head", "tail")},
         "audio_dir": str(out),
-        "examples": [{"prompt": p, "neighbours": None if neighbours is None else neighbours[j]}
-                     for j, p in enumerate(prompts[:3])],
+        "examples": _examples(module, judge, scores, banned),
     }
 
 
+def _examples(module: Any, judge: Judge, scores: Scores, banned: set[str], n: int = 3) -> list[dict[str, Any]]:
+    """The first prompts with the judge's verdict (and, for a retrieving model, its neighbours)."""
+    prompts = [i.captions[0] for i in judge.test[:n]]
+    neighbours: list[Any] = [None] * len(prompts)
+    retrieval = module.model.retrieval
+    if retrieval is not None:
+        neighbours = retrieval.query_neighbours(module.model.text.embed(prompts), exclude=[banned] * len(prompts))
+    return [{"prompt": p, "labels": list(i.labels), "predicted": scores.predicted[k], "neighbours": neighbours[k]}
+            for k, (p, i) in enumerate(zip(prompts, judge.test))]
+
+
 def _yamnet_eval(out: Path, test: list[Any], wav: torch.Tensor, sr: int, clap: Any, train_manifest: Path,
-                 steps: int) -> dict[str, Any]:
+                 generation: dict[str, Any]) -> dict[str, Any]:
     """FAD / KL / IS with the YAMNet embedder-classifier and CLAP score with the demo CLAP
     (`tta.evaluation.evaluate`, which also writes ``eval.json``, ``eval.md`` and plots)."""
     from tta.evaluation import evaluate
     from tta.evaluation.clips import Clip
     from tta.metrics.embedders import YAMNetEmbedder
 
-    generation = {"guidance": 3.5, "steps": steps, "sampler": "dpmsolver++"}
     generated = [Clip(it.id, list(it.captions), list(it.labels), wav=wav[i].cpu(), sample_rate=sr,
                       extra={"generation": generation}) for i, it in enumerate(test)]
     reference = [Clip.from_item(it) for it in test]
     report = evaluate(generated, reference, metrics=("fad", "kl", "is", "clap"), embedder=YAMNetEmbedder(), clap=clap,
-                      out_dir=out / "eval", train_manifest=train_manifest, seconds=3.0, cache_reference=False,
+                      out_dir=out / "eval", train_manifest=train_manifest, seconds=SECONDS, cache_reference=False,
                       is_splits=1)
     return {"metrics": report.get("metrics"), "eval_dir": str(out / "eval")}

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-KINDS = ("module", "datamodule", "network", "vocoder", "autoencoder", "encoder", "metric", "callback")
+KINDS = ("module", "datamodule", "network", "process", "vocoder", "autoencoder", "encoder", "metric", "callback")
 ENTRY_POINT_GROUP = "tta.plugins"
 
 # Modules of tta itself that hold registered components; imported lazily by `load_builtin()`.
@@ -51,6 +51,8 @@ _BUILTIN_MODULES = (
     "tta.encoders.clap_towers",
     "tta.retrieval.features_extract",
     "tta.nn.unet",
+    "tta.generators.noise.ddpm",
+    "tta.generators.noise.flow",
     "tta.generators.ldm.module",
     "tta.metrics.fad",
     "tta.metrics.classifier",

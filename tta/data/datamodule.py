@@ -58,7 +58,9 @@ class SynthSpec:
 
 
 class ClipDataset(Dataset):
-    """Clips of a manifest as ``{"id", "wav", "mel", "caption"}``; indexed by (index, seed).
+    """Clips of a manifest as ``{"id", "start", "wav", "mel", "caption", "labels"}``; indexed by
+    (index, seed). ``start`` is the crop's first mel frame in the clip, so (id, start) names the
+    segment (frozen-encoder caches key on it).
 
     The caption is drawn from the clip's captions with the item seed, or is always the first one
     with ``first_caption=True`` (prediction / feature extraction).
@@ -117,6 +119,7 @@ class ClipDataset(Dataset):
             return None
         hop = self.mel_config.hop_length
         frames = mel.shape[-1]
+        start = 0
         if self.segment_frames is not None:
             seg = self.segment_frames
             if frames >= seg:
@@ -133,13 +136,14 @@ class ClipDataset(Dataset):
             caption = item.captions[0]
         else:
             caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))]
-        return {"id": item.id, "wav": wav, "mel": mel, "caption": caption, "labels": list(item.labels)}
+        return {"id": item.id, "start": start, "wav": wav, "mel": mel, "caption": caption, "labels": list(item.labels)}
 
 
 def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack clips, dropping the ones that failed to load (counted in ``n_skipped``)."""
     good = [b for b in batch if b is not None]
     out: dict[str, Any] = {"n_skipped": len(batch) - len(good), "id": [b["id"] for b in good]}
+    out["start"] = [b["start"] for b in good]
     out["caption"] = [b["caption"] for b in good]
     out["labels"] = [b["labels"] for b in good]
     if good:

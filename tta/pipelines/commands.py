@@ -8,7 +8,12 @@ import json
 import logging
 from pathlib import Path
 
+from tta.generators.noise import DDPMProcess, RectifiedFlow
+
 log = logging.getLogger(__name__)
+
+#: every sampler of tta's noise processes (a pipeline refuses the ones its process lacks)
+SAMPLER_CHOICES = DDPMProcess.samplers + RectifiedFlow.samplers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.24, help="seconds per clip")
     p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmsolver++"), help="default: the pipeline's (ddim)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES,
+                   help="default: the pipeline's (DDPM models: ddim; rectified flow: euler)")
     p.add_argument("--candidates", type=int, help="clips sampled per prompt, best kept by CLAP score (default 1)")
     p.add_argument("--rerank-clap", type=Path,
                    help="a clap_trainer checkpoint whose CLAP scores the candidates (default: the pipeline's; "
@@ -119,9 +125,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocoder", default="universal", help="universal | griffinlim | a hifigan checkpoint")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, help="default sampling steps (default: the noise process's: DDPM 200)")
     p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmsolver++"))
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler (default: the noise process's)")
     args = p.parse_args(argv)
     export_pipeline(args.checkpoint, args.out, vocoder=args.vocoder, use_ema=not args.no_ema,
                     defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
@@ -143,7 +149,7 @@ def import_audioldm_main(argv: list[str]) -> int:
     p.add_argument("--text-max-length", type=int, help="most prompt tokens (default: the tokenizer's)")
     p.add_argument("--steps", type=int, default=IMPORT_DEFAULTS["steps"])
     p.add_argument("--guidance", type=float, default=IMPORT_DEFAULTS["guidance"])
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpmsolver++"))
+    p.add_argument("--sampler", default="ddim", choices=DDPMProcess.samplers)
     args = p.parse_args(argv)
     import_audioldm(args.folder, args.out, mel=args.mel, text_max_length=args.text_max_length,
                     defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})

@@ -76,7 +76,7 @@ class TextToAudioPipeline:
         check_composition(module.mel_config, vocoder, "the diffusion model's VAE and the vocoder")
         self.module = module.eval()
         self.vocoder = vocoder.eval()
-        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.defaults = pipeline_defaults(module, defaults)
         self.rerank_clap = None if rerank_clap is None else rerank_clap.eval()
 
     @property
@@ -218,6 +218,14 @@ def write_components(module: LatentDiffusionModule, vocoder: torch.nn.Module, ou
     return files
 
 
+def pipeline_defaults(module: LatentDiffusionModule, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sampling defaults of a pipeline: ``given`` (None values dropped) over the noise process's
+    sampler / steps (DDPM: DDIM 200, AudioLDM's; rectified flow: its own) over `DEFAULTS`."""
+    process = module.model.process
+    own = {"sampler": process.default_sampler, "steps": process.default_steps}
+    return {**DEFAULTS, **own, **{k: v for k, v in (given or {}).items() if v is not None}}
+
+
 def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocoder: str = "universal",
                     use_ema: bool = True, defaults: dict[str, Any] | None = None) -> Path:
     """Write a pipeline folder from a ``latent_diffusion`` checkpoint and a vocoder spec."""
@@ -242,7 +250,7 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocod
         "model": self_contained_model_config(model_config(ckpt, checkpoint), module),
         "vocoder": voc_config,
         "files": files,
-        "defaults": {**DEFAULTS, **(defaults or {})},
+        "defaults": pipeline_defaults(module, defaults),
         "retrieval": None if retrieval is None else {
             "index": retrieval.index_dir, "features": retrieval.features_dir, "k": retrieval.k, "mode": retrieval.mode},
         "source": {"checkpoint": str(Path(checkpoint).resolve()), "ema": use_ema},

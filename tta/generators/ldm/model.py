@@ -1,6 +1,6 @@
 """`LatentDiffusion`: the pure (non-Lightning) AudioLDM / Re-AudioLDM model.
 
-It composes the denoising UNet, the conditioners and the diffusion schedule; the Lightning
+It composes the denoising UNet, the conditioners and the noise process; the Lightning
 wrapper (`tta.generators.ldm.module`) trains it, the pipeline (`tta.pipelines.ldm`) samples it.
 
 Conditions and their routes:
@@ -8,6 +8,10 @@ Conditions and their routes:
 - ``"text"``: CLAP text embedding of the prompt -> FiLM (`ClapTextFiLM`);
 - ``"retrieval"`` (optional): the k neighbours' features -> cross-attention context
   (`RetrievalConditioner`); off (None) or k = 0 gives plain AudioLDM.
+
+The noise process (`tta.generators.noise`) owns the training target and the samplers: DDPM
+(AudioLDM; eps or v) or rectified flow; the UNet sees its model timesteps (0..1000, larger is
+noisier) either way.
 
 Classifier-free guidance: during training each condition is dropped independently with its own
 probability (``cfg_dropout``); at sampling the unconditional branch drops the conditions named
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.generators.ldm.conditioning import ClapTextFiLM, Conditioning, drop_mask
-from tta.generators.ldm.diffusion import DiffusionSchedule, guided
 from tta.generators.ldm.retrieval import CONTEXT_NAME, RetrievalConditioner
+from tta.generators.noise import DDPMProcess, NoiseProcess, guided
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,13 @@ CONDITIONS = ("text", "retrieval")
 
 
 class LatentDiffusion(nn.Module):
-    """UNet + conditioners + schedule.
+    """UNet + conditioners + noise process.
 
     Args:
         unet: the denoiser ``unet(x, t, film=..., context=...)`` (`tta.nn.unet.UNetModel`).
         text: the FiLM conditioner (its width must equal the UNet's ``film_dim``).
         retrieval: Re-AudioLDM's retrieval conditioner, or None for plain AudioLDM.
-        schedule: the diffusion schedule.
+        process: the noise process (`DDPMProcess`, AudioLDM's, by default; or `RectifiedFlow`).
         cfg_dropout: probability of dropping each condition during training (a float for all,
             or ``{"text": p, "retrieval": q}``).
     """
@@ -52,14 +56,14 @@ class LatentDiffusion(nn.Module):
         unet: nn.Module,
         text: ClapTextFiLM,
         retrieval: RetrievalConditioner | None = None,
-        schedule: DiffusionSchedule | None = None,
+        process: NoiseProcess | None = None,
         cfg_dropout: float | dict[str, float] = 0.1,
     ) -> None:
         super().__init__()
         self.unet = unet
         self.text = text
         self.retrieval = retrieval
-        self.schedule = schedule if schedule is not None else DiffusionSchedule()
+        self.process = process if process is not None else DDPMProcess()
         drops = cfg_dropout if isinstance(cfg_dropout, dict) else dict.fromkeys(CONDITIONS, float(cfg_dropout))
         unknown = set(drops) - set(CONDITIONS)
         if unknown:
@@ -112,6 +116,11 @@ class LatentDiffusion(nn.Module):
         return Conditioning(film, context)
 
     # ------------------------------------------------------------------ denoising
+    @property
+    def schedule(self) -> NoiseProcess:
+        """The noise process (the name of earlier releases)."""
+        return self.process
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """UNet output for noisy latents ``x`` (any size: padded to the UNet factor, then cropped)."""
         h, w = x.shape[-2:]
@@ -140,15 +149,15 @@ class LatentDiffusion(nn.Module):
         if drop is None:
             drop = self.training_drop(latents.shape[0], generator)
         cond = self.conditioning(captions, neighbours, drop, film)
-        return self.schedule.loss(lambda x, tt: self.denoise(x, tt, cond), latents, generator=generator, t=t)
+        return self.process.loss(lambda x, tt: self.denoise(x, tt, cond), latents, generator=generator, t=t)
 
     @torch.no_grad()
     def sample(
         self,
         cond: Conditioning,
         shape: tuple[int, int, int],
-        steps: int = 200,
-        sampler: str = "ddim",
+        steps: int | None = None,
+        sampler: str | None = None,
         guidance: float = 3.5,
         guidance_drop: Sequence[str] = CONDITIONS,
         generator: torch.Generator | None = None,
@@ -157,7 +166,8 @@ class LatentDiffusion(nn.Module):
         strength: float = 1.0,
     ) -> torch.Tensor:
         """Latents ``(B, *shape)`` for a batch conditioning (CFG with ``guidance``); ``init`` /
-        ``strength``: edit given latents (`DiffusionSchedule.sample`)."""
+        ``strength``: edit given latents; ``steps`` / ``sampler`` None: the process's defaults
+        (`NoiseProcess.sample`)."""
         if guidance < 1.0:
             raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {guidance}")
         batch = cond.film.shape[0] if cond.film is not None else len(next(iter(cond.context.values()))[0])
@@ -169,5 +179,5 @@ class LatentDiffusion(nn.Module):
             guidance,
             lambda a, b: a.cat(b),
         )
-        return self.schedule.sample(denoiser, (batch, *shape), steps=steps, sampler=sampler, generator=generator,
+        return self.process.sample(denoiser, (batch, *shape), steps=steps, sampler=sampler, generator=generator,
                                     device=device, noise=noise, init=init, strength=strength)

@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from tta.generators.ldm.conditioning import ClapTextFiLM
-from tta.generators.ldm.diffusion import DiffusionSchedule
 from tta.generators.ldm.model import LatentDiffusion
 from tta.generators.ldm.retrieval import CONTEXT_NAME, RetrievalConditioner
+from tta.generators.noise import DDPMProcess, NoiseProcess
 from tta.generators.vae.codec import LatentCodec
 from tta.generators.vae.network import AutoencoderKL
 from tta.registry import register
 from tta.training.base import TTAModule
+from tta.training.frozen_cache import SegmentCache, segment_keys
 from tta.training.loading import load_trained_part
 from tta.training.schedule import adamw_with_warmup
 
@@ -56,12 +57,21 @@ class LatentDiffusionModule(TTAModule):
             CLAP audio embedding, as AudioLDM trains; needs a CLAP with an audio tower, and lets
             uncaptioned audio train the model). Generation always uses the prompt's text embedding.
         cfg_dropout: per-condition dropout for classifier-free guidance (0.1 in the papers).
-        num_train_timesteps, beta_start, beta_end, beta_schedule, objective: the diffusion.
+        num_train_timesteps, beta_start, beta_end, beta_schedule, objective: AudioLDM's DDPM
+            (`DDPMProcess`), used when ``process`` is None.
+        process: any noise process instead (``class_path: rectified_flow``, or ``ddpm``); the
+            five DDPM scalars must then keep their defaults.
         lr, betas, weight_decay, warmup_steps: AdamW (Re-AudioLDM: lr 5e-5).
         init_from: a ``latent_diffusion`` checkpoint whose UNet initialises this one.
-        val_timesteps: timesteps of the fixed validation loss.
+        val_timesteps: noise levels of the fixed validation loss, as DDPM steps of a
+            ``num_train_timesteps`` schedule (another process uses the same fractions of its path).
+        cache_frozen: compute the frozen VAE's posterior (mean and log-variance, so every step
+            still samples) and, for ``film_source="audio"``, the CLAP audio embedding once per
+            training segment and train from that memory cache (`SegmentCache`); the losses equal
+            live encoding. Prompt text vectors are memoised by CLAP itself.
         eval_vocoder, eval_steps: vocoder (``griffinlim``, ``universal`` or a hifigan checkpoint)
-            and DPM-Solver++ steps of `generate_for_eval` (the ``eval_metrics`` callback).
+            and steps of `generate_for_eval` (the ``eval_metrics`` callback; the process's fast sampler:
+            DPM-Solver++ for DDPM, Euler for rectified flow).
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class LatentDiffusionModule(TTAModule):
         beta_end: float = 0.0195,
         beta_schedule: str = "scaled_linear",
         objective: str = "eps",
+        process: NoiseProcess | None = None,
         mel: str | dict[str, Any] = "audioldm",
         lr: float = 5.0e-5,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -90,17 +101,21 @@ class LatentDiffusionModule(TTAModule):
         val_timesteps: tuple[int, ...] = (50, 250, 500, 750, 950),
         eval_vocoder: str = "griffinlim",
         eval_steps: int = 25,
+        cache_frozen: bool = False,
         ema_decay: float | None = None,
         grad_clip: float | None = 1.0,
         nan_max_skips: int = 10,
         seed: int = 0,
     ) -> None:
         super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
-        self.save_hyperparameters(ignore=["unet", "vae", "clap", "retrieval"])
+        self.save_hyperparameters(ignore=["unet", "vae", "clap", "retrieval", "process"])
         self.codec = self._build_codec(vae_checkpoint, vae, scale_factor)
         clap = self._build_clap(clap_checkpoint, clap)
-        schedule = DiffusionSchedule(num_train_timesteps, beta_start, beta_end, beta_schedule, objective)
-        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null), retrieval, schedule, cfg_dropout)
+        ddpm = DDPMProcess(num_train_timesteps, beta_start, beta_end, beta_schedule, objective)
+        if process is not None and ddpm.config() != DDPMProcess().config():
+            raise ValueError("give either process or the DDPM arguments (num_train_timesteps, beta_start, "
+                             "beta_end, beta_schedule, objective), not both")
+        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null), retrieval, process or ddpm, cfg_dropout)
         self.film_source = self._check_film_source(film_source, clap)
         for attr in ("in_channels", "out_channels"):
             if getattr(unet, attr, self.codec.latent_channels) != self.codec.latent_channels:
@@ -112,6 +127,8 @@ class LatentDiffusionModule(TTAModule):
             raise ValueError(f"val_timesteps {self.val_timesteps} must lie in [0, {num_train_timesteps})")
         self.eval_vocoder, self.eval_steps = eval_vocoder, int(eval_steps)
         self.__dict__["_eval_vocoder"] = None  # built on first use; not a submodule (not in checkpoints)
+        self.cache_frozen = bool(cache_frozen)
+        self.__dict__["_caches"] = {"moments": SegmentCache(), "film": SegmentCache()}  # not in checkpoints
         if init_from is not None:
             self.init_unet_from(init_from)
 
@@ -205,11 +222,25 @@ class LatentDiffusionModule(TTAModule):
             return None
         if "wav" not in batch:
             raise KeyError("film_source='audio' needs the clips' waveforms: the batch has no 'wav'")
-        return self.model.text.embed_audio(batch["wav"], self.mel_config.sample_rate)
+        sr = self.mel_config.sample_rate
+        if not (self.cache_frozen and self.training):
+            return self.model.text.embed_audio(batch["wav"], sr)
+        return self._caches["film"].get(segment_keys(batch),
+                                        lambda rows: self.model.text.embed_audio(batch["wav"][rows], sr), self.device)
+
+    def training_latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """Scaled posterior samples of the batch's mels (posterior parameters from the cache with
+        ``cache_frozen``: the same draw from the same ``generator`` as live encoding)."""
+        mel = batch["mel"].float()
+        if not self.cache_frozen:
+            return self.codec.encode(mel, generator=generator)
+        moments = self._caches["moments"].get(segment_keys(batch), lambda rows: self.codec.moments(mel[rows]),
+                                              mel.device)
+        return self.codec.from_moments(moments, generator)
 
     def train_step(self, batch: dict[str, Any]) -> None:
         g = self.step_generator()
-        latents = self.codec.encode(batch["mel"].float(), generator=g)
+        latents = self.training_latents(batch, g)
         loss = self.model.loss(latents, batch["caption"], self._neighbours(batch["id"]), generator=g,
                                film=self._film(batch))
         (opt, sched), = self.optimizer_pairs(1)
@@ -223,10 +254,11 @@ class LatentDiffusionModule(TTAModule):
         b = latents.shape[0]
         keep = {c: torch.zeros(b, dtype=torch.bool) for c in self.model.cfg_dropout}
         neighbours, film = self._neighbours(batch["id"]), self._film(batch)
+        last = self.hparams["num_train_timesteps"] - 1
+        times = self.model.process.fixed_times([t / last for t in self.val_timesteps])
         losses = [
-            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=torch.full((b,), t), drop=keep,
-                            film=film)
-            for t in self.val_timesteps
+            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=t.expand(b), drop=keep, film=film)
+            for t in times
         ]
         return torch.stack(losses).mean()
 
@@ -254,7 +286,7 @@ class LatentDiffusionModule(TTAModule):
         return max(1, math.ceil(round(seconds * self.mel_config.sample_rate) / self.mel_config.hop_length))
 
     @torch.no_grad()
-    def generate_mel(self, captions: list[str], frames: int, steps: int = 50, sampler: str = "ddim",
+    def generate_mel(self, captions: list[str], frames: int, steps: int | None = 50, sampler: str | None = None,
                      guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
                      noise: torch.Tensor | None = None, init_mel: torch.Tensor | None = None,
                      strength: float = 1.0) -> torch.Tensor:
@@ -262,7 +294,7 @@ class LatentDiffusionModule(TTAModule):
         an index query with the prompts' CLAP text embeddings); ``noise``: the initial latents
         ``(B, *codec.latent_shape(frames))`` instead of the seeded draw; ``init_mel`` ``(B, n_mels,
         frames)`` with ``strength`` < 1: edit that audio towards the captions (AudioLDM's style
-        transfer)."""
+        transfer). ``sampler`` None: the noise process's default (DDIM for DDPM, Euler for flows)."""
         model = self.model
         if model.retrieval is not None and neighbours is None:
             neighbours = model.retrieval.query_neighbours(model.text.embed(captions))
@@ -293,7 +325,7 @@ class LatentDiffusionModule(TTAModule):
             neighbours = self.model.retrieval.query_neighbours(self.model.text.embed(captions),
                                                                exclude=[{i} for i in ids])
         mel = self.generate_mel(list(captions), self.frames_for(seconds), steps=self.eval_steps,
-                                sampler="dpmsolver++", neighbours=neighbours)
+                                sampler=self.model.process.fast_sampler, neighbours=neighbours)
         vocoder = self.__dict__["_eval_vocoder"].to(mel.device)
         return vocoder(mel).float()[..., : round(seconds * self.mel_config.sample_rate)]
 

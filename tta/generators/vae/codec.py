@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.data.mel import MelConfig
+from tta.generators.vae.distribution import DiagonalGaussian
 from tta.generators.vae.network import AutoencoderKL
 
 
@@ -72,12 +73,23 @@ class LatentCodec(nn.Module):
         return (self.latent_channels, -(-frames // f), self.mel_config.n_mels // f)
 
     @torch.no_grad()
-    def encode(self, mel: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """Log-mel ``(B, n_mels, frames)`` -> scaled latents (a posterior sample, or its mode)."""
+    def moments(self, mel: torch.Tensor) -> torch.Tensor:
+        """The posterior's parameters ``(B, 2C, H, W)`` (mean and log-variance, unscaled) of
+        log-mels ``(B, n_mels, frames)``: what a latent cache stores, so training still samples."""
         x, _ = mel_to_image(mel, self.factor, self.mel_config.log_floor)
-        posterior = self.autoencoder.encode(x)
+        return self.autoencoder.encode(x).parameters
+
+    def from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None,
+                     sample: bool = True) -> torch.Tensor:
+        """Scaled latents from posterior parameters (a sample drawn with ``generator``, or the mode)."""
+        posterior = DiagonalGaussian(moments)
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return z * self.scale_factor
+
+    @torch.no_grad()
+    def encode(self, mel: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Log-mel ``(B, n_mels, frames)`` -> scaled latents (a posterior sample, or its mode)."""
+        return self.from_moments(self.moments(mel), generator, sample)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, frames: int | None = None) -> torch.Tensor:
