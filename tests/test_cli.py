@@ -73,6 +73,16 @@ def ldm_overrides(path: Path, tmp_path: Path, ids: list[str] | None = None) -> l
         out += [f"--model.init_args.retrieval.init_args.features={features}",
                 f"--model.init_args.retrieval.init_args.index={index}",
                 "--model.init_args.retrieval.init_args.audio_dim=12", "--model.init_args.retrieval.init_args.text_dim=10"]
+    if model.get("init_from"):  # the recipe chain: the plain config of the same directory trains the start point
+        import torch
+
+        from tta.cli import build_cli
+
+        plain = path.with_name(path.name.replace("re_", "", 1))
+        base = build_cli(["--config", str(plain), f"--trainer.default_root_dir={tmp_path}",
+                          *ldm_overrides(plain, tmp_path)], run=False)
+        torch.save({"state_dict": base.model.state_dict()}, tmp_path / "audioldm.ckpt")
+        out.append(f"--model.init_args.init_from={tmp_path / 'audioldm.ckpt'}")
     return out
 
 

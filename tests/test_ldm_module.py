@@ -10,6 +10,7 @@ import torch
 
 from tests.hf_fixtures import make_bert_folder
 from tests.ldm_fixtures import (
+    CLAP_DIM,
     CTX_DIM,
     build,
     make_store_and_table,
@@ -156,6 +157,8 @@ def test_tiny_overfit_loss_drops_and_sampling_works(bert: Path, batch: dict[str,
 def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_path: Path,
                                                               batch: dict[str, Any]) -> None:
     plain = make_module(bert)
+    with torch.no_grad():
+        plain.model.text.null.normal_()  # as trained
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": plain.state_dict()}, ckpt)
     features, index = make_store_and_table(list(batch["id"]), tmp_path)
@@ -163,6 +166,7 @@ def test_init_from_plain_checkpoint_allows_only_retrieval_keys(bert: Path, tmp_p
                          init_from=str(ckpt))
     for k, v in plain.model.unet.state_dict().items():
         assert torch.equal(re_ldm.model.unet.state_dict()[k], v)
+    assert torch.equal(re_ldm.model.text.null, plain.model.text.null)  # same unconditional branch
     # a pipeline folder (e.g. an imported public AudioLDM) works the same way
     import json
 
@@ -287,3 +291,40 @@ def test_training_from_the_frozen_cache_equals_live_encoding(bert: Path, batch: 
     assert calls == [len(batch["id"])] * 2  # each segment encoded once, then read from the cache
     assert len(module._caches["moments"]) == 2 * len(batch["id"])
     assert len(module._caches["film"]) == (2 * len(batch["id"]) if film_source == "audio" else 0)
+
+
+def test_rectified_flow_module_trains_validates_and_samples(bert: Path, batch: dict[str, Any]) -> None:
+    from tta.generators.noise import RectifiedFlow
+
+    module = make_module(bert, process=RectifiedFlow())
+    assert module.model.process.fast_sampler == "euler"
+    seen: list[torch.Tensor] = []
+    hook = module.model.unet.register_forward_hook(lambda _m, args, _o: seen.append(args[1]))
+    try:
+        loss = module.fixed_loss(batch)  # val_timesteps 50..950 of 999 -> path times 1 - t / 999
+    finally:
+        hook.remove()
+    assert torch.isfinite(loss)
+    expected = [1000.0 * t / 999 for t in module.val_timesteps]
+    torch.testing.assert_close(torch.stack([s[0] for s in seen]), torch.tensor(expected), rtol=1e-5, atol=1e-3)
+    module.eval()
+    mel = module.generate_mel(["a bell rings"], 12, steps=3)  # the process's default sampler (Euler)
+    assert mel.shape == (1, 80, 12) and torch.isfinite(mel).all()
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'; choose one of euler, heun"):
+        module.generate_mel(["a bell rings"], 12, steps=3, sampler="ddim")
+
+
+def test_process_and_ddpm_arguments_are_exclusive(bert: Path) -> None:
+    from tta.generators.noise import RectifiedFlow
+
+    with pytest.raises(ValueError, match="give either process or the DDPM arguments"):
+        make_module(bert, process=RectifiedFlow(), objective="v")
+
+
+def test_film_scale_multiplies_the_film_vector_not_the_retrieval_query(bert: Path) -> None:
+    plain, scaled = make_module(bert), make_module(bert, film_scale="unit_entries")
+    captions = ["a bell rings", "a dog barks"]
+    torch.testing.assert_close(scaled.model.text(captions), plain.model.text(captions) * CLAP_DIM**0.5)
+    torch.testing.assert_close(scaled.model.text.embed(captions), plain.model.text.embed(captions))
+    with pytest.raises(ValueError, match="film scale must be a positive number or 'unit_entries'"):
+        make_module(bert, film_scale=0.0)

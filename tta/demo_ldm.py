@@ -56,7 +56,8 @@ def build_features(out: Path, clap_ckpt: str, config: Path, data_dir: Path | Non
 def train_system(name: str, out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, features: Path | None,
                  steps: int | None, data_dir: Path | None, extra: list[str] | tuple[str, ...] = ()) -> tuple[Any, Any, float]:
     """Train the demo config ``name`` (``audioldm``, ``re_audioldm``, ...) with the given frozen
-    parts; returns (module with its EMA weights, datamodule, training seconds)."""
+    parts; returns (module with its EMA weights, datamodule, training seconds) and leaves
+    ``out/train_<name>/<name>_final.ckpt`` (EMA weights, run config) for later stages."""
     from tta.demo import demo_config_path
 
     args = [f"--model.init_args.vae_checkpoint={vae_ckpt}", f"--model.init_args.clap_checkpoint={clap_ckpt}", *extra]
@@ -70,6 +71,7 @@ def train_system(name: str, out: Path, vae_ckpt: str, clap_ckpt: str, index_dir:
     seconds = time.time() - t0
     if module.ema is not None:
         module.ema.copy_to(module.ema_target())
+    trainer.save_checkpoint(out / f"train_{name}" / f"{name}_final.ckpt")
     return module.eval(), datamodule, seconds
 
 
@@ -131,8 +133,11 @@ def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, step
     judge: Judge | None = None
     rows: dict[str, Scores] = {}
     for name, title in SYSTEMS.items():
+        # Re-AudioLDM fine-tunes the demo AudioLDM (`init_from`): its retrieval attention starts at zero
+        base = out / "train_audioldm" / "audioldm_final.ckpt"
+        start = [f"--model.init_args.init_from={base}"] if name.startswith("re_") else []
         module, datamodule, seconds = train_system(name, out, vae_ckpt, clap_ckpt, index_dir, features, steps,
-                                                   data_dir)
+                                                   data_dir, start)
         items = read_manifest(datamodule.manifest_path())
         sr, samples = module.mel_config.sample_rate, round(SECONDS * module.mel_config.sample_rate)
         judge_voc = build_vocoder(JUDGE_VOCODER, module.mel_config)

@@ -156,7 +156,7 @@ class Scores:
                 out[name] = {"mean": None, "low": None, "high": None, "n": 0}
                 continue
             low, high = _interval(v, n_boot, rng)
-            out[name] = {"mean": float(v.mean()), "low": low, "high": high, "n": int(len(v))}
+            out[name] = {"mean": float(v.mean()), "low": low, "high": high, "n": len(v)}
         return out
 
 

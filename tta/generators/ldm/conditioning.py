@@ -74,15 +74,25 @@ class ClapTextFiLM(nn.Module):
             ``joint_dim`` are used here.
         null: ``"learned"`` (a trained parameter, DESIGN.md) or ``"empty_prompt"`` (CLAP's
             embedding of ``""``, what public AudioLDM checkpoints were trained against).
+        scale: factor on the (unit-norm) embedding the UNet receives. 1 is AudioLDM's (and what
+            public weights expect); ``"unit_entries"`` (``sqrt(dim)``) gives entries of order 1,
+            so the FiLM projection learns at the pace of the rest of the UNet instead of
+            ``sqrt(dim)`` times slower (docs/ldm.md, "Learning in a CPU budget").
     """
 
-    def __init__(self, clap: nn.Module, null: Literal["learned", "empty_prompt"] = "learned") -> None:
+    def __init__(self, clap: nn.Module, null: Literal["learned", "empty_prompt"] = "learned",
+                 scale: float | Literal["unit_entries"] = 1.0) -> None:
         super().__init__()
         if null not in ("learned", "empty_prompt"):
             raise ValueError(f"null must be 'learned' or 'empty_prompt', got {null!r}")
         self.clap = clap
         self.null_kind = null
         self.dim = int(clap.joint_dim)
+        if scale == "unit_entries":
+            scale = self.dim**0.5
+        if isinstance(scale, str) or not scale > 0:
+            raise ValueError(f"film scale must be a positive number or 'unit_entries', got {scale!r}")
+        self.scale = float(scale)
         self.null = nn.Parameter(torch.zeros(self.dim)) if null == "learned" else None
 
     def embed(self, captions: Sequence[str]) -> torch.Tensor:
@@ -94,10 +104,10 @@ class ClapTextFiLM(nn.Module):
             return self.clap.embed_text(list(captions)).float()
 
     def null_embedding(self, batch: int) -> torch.Tensor:
-        """``(batch, dim)`` unconditional FiLM vectors."""
+        """``(batch, dim)`` unconditional FiLM vectors (in the scaled space of `forward`'s)."""
         if self.null is not None:
             return self.null.unsqueeze(0).expand(batch, -1)
-        return self.embed([""]).expand(batch, -1)
+        return self.embed([""]).expand(batch, -1) * self.scale
 
     def embed_audio(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """``(B, dim)`` CLAP *audio* embeddings of waveforms ``(B, T)`` at ``sample_rate`` (no
@@ -110,9 +120,11 @@ class ClapTextFiLM(nn.Module):
 
     def forward(self, captions: Sequence[str], drop: torch.Tensor | None = None,
                 embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings of ``captions`` (or the given ``embeddings``, e.g. `embed_audio`'s) with rows
-        where ``drop`` is True replaced by the null embedding."""
+        """Embeddings of ``captions`` (or the given ``embeddings``, e.g. `embed_audio`'s) times
+        ``scale``, with rows where ``drop`` is True replaced by the null embedding."""
         emb = self.embed(captions) if embeddings is None else embeddings
+        if self.scale != 1.0:
+            emb = emb * self.scale
         if drop is not None and drop.any():
             null = self.null_embedding(len(captions)).to(emb.device, emb.dtype)
             emb = torch.where(drop.to(emb.device)[:, None], null, emb)

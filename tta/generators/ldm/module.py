@@ -52,6 +52,9 @@ class LatentDiffusionModule(TTAModule):
         clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network).
         retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM).
         film_null: null embedding of the prompt (``"learned"`` or ``"empty_prompt"``).
+        film_scale: factor on the unit-norm CLAP embedding fed to FiLM: 1 (AudioLDM; public
+            weights) or ``"unit_entries"`` (``sqrt(joint_dim)``: the FiLM path learns as fast as
+            the rest; the demo configs).
         film_source: what the FiLM vector is made of in training and in the validation loss:
             ``"text"`` (the caption's CLAP text embedding; Re-AudioLDM) or ``"audio"`` (the clip's
             CLAP audio embedding, as AudioLDM trains; needs a CLAP with an audio tower, and lets
@@ -62,7 +65,8 @@ class LatentDiffusionModule(TTAModule):
         process: any noise process instead (``class_path: rectified_flow``, or ``ddpm``); the
             five DDPM scalars must then keep their defaults.
         lr, betas, weight_decay, warmup_steps: AdamW (Re-AudioLDM: lr 5e-5).
-        init_from: a ``latent_diffusion`` checkpoint whose UNet initialises this one.
+        init_from: a ``latent_diffusion`` checkpoint (or pipeline folder) whose UNet, and learned
+            null FiLM vector when both have one, initialise this one.
         val_timesteps: noise levels of the fixed validation loss, as DDPM steps of a
             ``num_train_timesteps`` schedule (another process uses the same fractions of its path).
         cache_frozen: compute the frozen VAE's posterior (mean and log-variance, so every step
@@ -84,6 +88,7 @@ class LatentDiffusionModule(TTAModule):
         clap: nn.Module | None = None,
         retrieval: RetrievalConditioner | None = None,
         film_null: str = "learned",
+        film_scale: float | str = 1.0,
         film_source: str = "text",
         cfg_dropout: float | dict[str, float] = 0.1,
         num_train_timesteps: int = 1000,
@@ -115,7 +120,7 @@ class LatentDiffusionModule(TTAModule):
         if process is not None and ddpm.config() != DDPMProcess().config():
             raise ValueError("give either process or the DDPM arguments (num_train_timesteps, beta_start, "
                              "beta_end, beta_schedule, objective), not both")
-        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null), retrieval, process or ddpm, cfg_dropout)
+        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null, film_scale), retrieval, process or ddpm, cfg_dropout)
         self.film_source = self._check_film_source(film_source, clap)
         for attr in ("in_channels", "out_channels"):
             if getattr(unet, attr, self.codec.latent_channels) != self.codec.latent_channels:
@@ -201,6 +206,13 @@ class LatentDiffusionModule(TTAModule):
         new = sorted(set(target) - set(source))
         target.update(source)
         self.model.unet.load_state_dict(target, strict=True)
+        null = state.get("model.text.null")
+        if null is not None and self.model.text.null is not None:  # the trained unconditional FiLM vector too
+            if null.shape != self.model.text.null.shape:
+                raise KeyError(f"{path}: its learned null FiLM vector has shape {tuple(null.shape)}, "
+                               f"this model's {tuple(self.model.text.null.shape)}")
+            with torch.no_grad():
+                self.model.text.null.copy_(null)
         log.info("UNet initialised from %s (%d tensors; %d new: the retrieval attention)", path, len(source), len(new))
 
     def ema_target(self) -> nn.Module:

@@ -13,6 +13,7 @@ guidance is applied to the velocity by the caller (`tta.generators.noise.base.gu
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -156,7 +157,7 @@ class RectifiedFlow(NoiseProcess):
             t_model = torch.full((shape[0],), (1.0 - l) * 1000.0, device=device, dtype=torch.float32)
             return denoiser(x, t_model).float()
 
-        for l, l_next in zip(grid[:-1], grid[1:]):
+        for l, l_next in itertools.pairwise(grid):
             h = l_next - l
             v = velocity(z, l)
             if method == "euler":
