@@ -34,8 +34,8 @@ from tta.demo_ldm import (
     SAMPLE_STEPS,
     SECONDS,
     build_features,
+    fit_judge,
     generate_mels,
-    real_test_mels,
     train_only_ids,
     vocode,
 )
@@ -134,11 +134,8 @@ def run(systems: list[str], budgets: list[int], sweep: list[int], demo: Path, ou
         voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
         samples = round(SECONDS * sr)
         if judge is None:
-            judge = Judge.fit(clap, items, sr, n_prompts)
-            rows["real test clips"] = judge.real()
-            real = real_test_mels(judge, module)
-            recon = module.codec.decode(module.codec.encode(real, sample=False), real.shape[-1])
-            rows["VAE-reconstructed real clips"] = judge.score(vocode(voc, recon, samples))
+            judge, ceilings = fit_judge(clap, items, module, voc, n_prompts)
+            rows.update(ceilings)
         prompts, banned = [i.captions[0] for i in judge.test], train_only_ids(items)
 
         def score(m: Any, step: int, seconds: float, system: str = system, judge: Judge = judge, voc: Any = voc,

@@ -30,6 +30,14 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     assert 0.0 <= clap["text_to_audio_test"]["R@1"] <= clap["text_to_audio_test"]["R@10"] <= 1.0
     assert clap["zero_shot_heldout_clips"] > 0 and 0.0 <= clap["zero_shot_heldout_accuracy"] <= 1.0
     assert len(clap["example_retrievals"]) == 3 and all(len(e["results"]) == 3 for e in clap["example_retrievals"])
+    # no leakage: the retrieval datastore (index and training neighbour table) holds training clips only
+    from tta.data.manifest import read_manifest
+    from tta.retrieval.neighbours import NeighbourTable
+
+    split = {i.id: i.split for i in read_manifest(report["manifest"])}
+    table = NeighbourTable.load(clap["index_dir"])
+    used = set(table.query_ids) | {n for q in table.query_ids for n, _ in table[q]}
+    assert set(table.ids) | used <= {i for i, s in split.items() if s == "train"}
     t2a = report["text_to_audio"]
     assert set(t2a["models"]) == {"audioldm", "re_audioldm"}
     assert "training split only" in t2a["retrieval_datastore"]

@@ -32,6 +32,10 @@ from tta.vocoders.factory import build_vocoder
 
 log = logging.getLogger(__name__)
 
+#: wall time of the whole demo on 2 idle CPU cores (measured, docs/demo.md); fixed step budgets
+#: make a slower or busier machine take longer, not report other numbers
+EXPECTED_MINUTES = 9
+
 
 def demo_config_path(name: str = "vae") -> Path:
     """Path of a packaged demo config (``tta/configs/demo/NAME.yaml``)."""
@@ -77,6 +81,8 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
              t2a_sample_steps: int = 20) -> dict[str, Any]:
     """Run the demo and return the report (also written to ``out/report.json``)."""
     t0 = time.time()
+    log.info("tta demo: about %d minutes on 2 idle CPU cores (fixed step budgets: a busy machine takes longer)",
+             EXPECTED_MINUTES)
     out.mkdir(parents=True, exist_ok=True)
     vocoder = build_vocoder("universal", _demo_mel())
     griffinlim = build_vocoder("griffinlim", _demo_mel())
@@ -156,7 +162,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ldm-steps", type=int, default=None,
                         help="steps of each diffusion model (default: the configs'; 0 skips text-to-audio)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: the usable cores not already busy, at least 1)")
+                        help="torch CPU threads (default: the usable cores not busy now, at least 1)")
     parser.add_argument("--t2a-prompts", type=int, default=None,
                         help="test prompts generated per model (default: every captioned test clip)")
     parser.add_argument("--t2a-sample-steps", type=int, default=20,

@@ -1,6 +1,7 @@
 """The CLAP stage of ``tta demo``: train the CPU-sized CLAP of ``configs/demo/clap.yaml`` on the
 synthetic dataset, then report zero-shot accuracy on the held-out classes, text->audio retrieval
-on the test split and three example retrievals from a FAISS index of the whole dataset."""
+on the test split and three example retrievals from a FAISS index of the training clips (the
+retrieval datastore of Re-AudioLDM)."""
 
 from __future__ import annotations
 
@@ -70,11 +71,15 @@ def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: 
         targets = torch.tensor([classes.index(by_id[store.ids[k]].labels[0]) for k in held])
         zero_shot = zero_shot_accuracy(torch.from_numpy(store.audio[held]), class_text, targets)
 
-    index = build_index(store.audio, store.ids, IndexSpec(type="flat"),
+    # the retrieval datastore is the training split only: Re-AudioLDM never sees validation, test or
+    # held-out audio as a neighbour, in training (the table) or at test time (the index)
+    train = [k for k, i in enumerate(store.ids) if by_id[i].split == "train"]
+    train_ids = [store.ids[k] for k in train]
+    index = build_index(store.audio[train], train_ids, IndexSpec(type="flat"),
                         meta={"embedding_model": "demo CLAP (untracked checkpoint)", "dim": int(store.audio.shape[1])})
     index.save(out / "index")
-    # neighbour table (text query -> audio neighbours, the clip itself excluded) for Re-AudioLDM
-    save_neighbour_table(build_neighbour_table(index, store.text, store.ids, k=min(10, len(store.ids) - 1)),
+    # neighbour table (text query -> audio neighbours, the clip itself excluded) of every training clip
+    save_neighbour_table(build_neighbour_table(index, store.text[train], train_ids, k=min(10, len(train) - 1)),
                          out / "index")
     queries = [store.captions[k] for k in test[:n_examples]]
     with torch.no_grad():

@@ -116,6 +116,18 @@ def real_test_mels(judge: Judge, module: Any) -> torch.Tensor:
     return module.frontend(wav)[..., : module.frames_for(SECONDS)]
 
 
+def fit_judge(clap: Any, items: list[Any], module: Any, vocoder: Any,
+              n_prompts: int | None = None) -> tuple[Judge, dict[str, Scores]]:
+    """The judge of the test prompts and its ceiling rows: the real test clips and their
+    reconstructions through ``module``'s VAE and ``vocoder`` (what the generations go through)."""
+    judge = Judge.fit(clap, items, module.mel_config.sample_rate, n_prompts)
+    real = real_test_mels(judge, module)
+    recon = module.codec.decode(module.codec.encode(real, sample=False), real.shape[-1])
+    samples = round(SECONDS * module.mel_config.sample_rate)
+    return judge, {"real test clips": judge.real(),
+                   "VAE-reconstructed real clips": judge.score(vocode(vocoder, recon, samples))}
+
+
 def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, steps: int | None = None,
                   data_dir: Path | None = None, n_prompts: int | None = None,
                   sample_steps: int = SAMPLE_STEPS) -> dict[str, Any]:
@@ -139,14 +151,11 @@ def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, step
         module, datamodule, seconds = train_system(name, out, vae_ckpt, clap_ckpt, index_dir, features, steps,
                                                    data_dir, start)
         items = read_manifest(datamodule.manifest_path())
-        sr, samples = module.mel_config.sample_rate, round(SECONDS * module.mel_config.sample_rate)
+        samples = round(SECONDS * module.mel_config.sample_rate)
         judge_voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
         if judge is None:
-            judge = Judge.fit(clap, items, sr, n_prompts)
-            rows["real test clips"] = judge.real()
-            real = real_test_mels(judge, module)
-            recon = module.codec.decode(module.codec.encode(real, sample=False), real.shape[-1])
-            rows["VAE-reconstructed real clips"] = judge.score(vocode(judge_voc, recon, samples))
+            judge, ceilings = fit_judge(clap, items, module, judge_voc, n_prompts)
+            rows.update(ceilings)
         prompts = [i.captions[0] for i in judge.test]
         t_gen = time.time()
         banned = train_only_ids(items)

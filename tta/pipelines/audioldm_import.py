@@ -334,7 +334,7 @@ def import_audioldm(
     """
     from tta.generators.ldm.module import LatentDiffusionModule
     from tta.pipelines.ldm import FORMAT, PIPELINE_FILE, write_components
-    from tta.pipelines.vocoder import _hifigan_config
+    from tta.vocoders.factory import _hifigan_config
     from tta.vocoders.hifigan.importers import load_speecht5_hifigan
 
     root, out = Path(folder).expanduser(), Path(out).expanduser()

@@ -33,13 +33,12 @@ import torch
 from tta.data.mel import MelConfig
 from tta.generators.ldm.module import LatentDiffusionModule
 from tta.pipelines.guard import check_output
+from tta.utils.pipeline_folder import FORMAT, PIPELINE_FILE, component_state, read_pipeline_meta
 from tta.vocoders.base import Vocoder
 from tta.vocoders.factory import check_composition
 
 log = logging.getLogger(__name__)
 
-FORMAT = "tta-pipeline/1"
-PIPELINE_FILE = "pipeline.json"
 #: component file -> state-dict prefix inside `LatentDiffusionModule` ("" = everything left)
 COMPONENTS = {"unet": "model.unet.", "vae": "codec.", "clap": "model.text.clap.", "conditioners": ""}
 DEFAULTS = {"steps": 200, "sampler": "ddim", "guidance": 3.5, "candidates": 1}
@@ -259,43 +258,6 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocod
         tmp.write_text(json.dumps(meta, indent=2))
     log.info("exported pipeline to %s", out)
     return out
-
-
-def resolve_relative_paths(meta: dict[str, Any], folder: Path, source: Path | str) -> None:
-    """Make the entries named in ``meta["relative_paths"]`` absolute, in place.
-
-    Each entry is a ``/``-separated key path into ``meta`` (e.g.
-    ``model/init_args/clap/init_args/text_encoder/init_args/path``) whose value is a path
-    relative to the pipeline folder (files an importer copied into it).
-    """
-    for pointer in meta.get("relative_paths") or ():
-        *parents, last = str(pointer).split("/")
-        node: Any = meta
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or not isinstance(node.get(last), str):
-            raise KeyError(f"{source}: relative_paths entry {pointer!r} does not name a path string in the file")
-        node[last] = str(folder / node[last])
-
-
-def read_pipeline_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """``pipeline.json`` of a pipeline folder (format checked, relative paths resolved)."""
-    folder = Path(folder)
-    meta_path = folder / PIPELINE_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} is neither a checkpoint nor a pipeline folder (no {PIPELINE_FILE})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    resolve_relative_paths(meta, folder, meta_path)
-    return meta
-
-
-def component_state(folder: str | os.PathLike, meta: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
-    """The state dict of component ``name`` (``unet``, ``vae``, ...) of a pipeline folder."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / meta["files"][name]))
 
 
 def load_pipeline(path: str | os.PathLike, vocoder: str | None = None,

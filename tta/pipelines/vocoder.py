@@ -1,57 +1,6 @@
-"""Vocoders of pipelines: build one from a spec, describe it as a config, rebuild it."""
+"""Vocoders of pipelines (re-exported from `tta.vocoders.factory`, where they live so that
+generators can build their evaluation vocoder without importing the pipelines)."""
 
-from __future__ import annotations
+from tta.vocoders.factory import GRIFFINLIM_CLASS, HIFIGAN_CLASS, build_vocoder_from_config, vocoder_spec
 
-import copy
-from pathlib import Path
-from typing import Any
-
-from tta.data.mel import MelConfig
-from tta.vocoders.base import Vocoder
-from tta.vocoders.factory import VOCODER_CHOICES, build_vocoder, check_composition
-
-HIFIGAN_CLASS = "tta.vocoders.hifigan.generator.HiFiGANGenerator"
-GRIFFINLIM_CLASS = "tta.vocoders.griffinlim.GriffinLimVocoder"
-
-
-def _hifigan_config(generator: Any) -> dict[str, Any]:
-    mel = generator.mel_config.to_dict() if generator.mel_config is not None else None
-    return {"class_path": HIFIGAN_CLASS, "init_args": {**generator.config, "use_weight_norm": False, "mel_config": mel}}
-
-
-def vocoder_spec(spec: str, mel_config: MelConfig) -> tuple[Vocoder, dict[str, Any]]:
-    """``(vocoder, config)`` for ``"universal"``, ``"griffinlim"`` or a ``hifigan`` checkpoint path.
-
-    The vocoder is in eval mode, weight norm folded, and checked against ``mel_config``.
-    """
-    if spec in VOCODER_CHOICES:
-        voc = build_vocoder(spec, mel_config)
-        if spec == "griffinlim":
-            config = {"class_path": GRIFFINLIM_CLASS, "init_args": {"mel_config": mel_config.to_dict()}}
-        else:
-            config = _hifigan_config(voc)
-        return voc, config
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"vocoder {spec!r} is neither one of {', '.join(VOCODER_CHOICES)} nor a checkpoint file")
-    from tta.training.loading import load_trained
-
-    module = load_trained(path, use_ema=False)
-    generator = getattr(module, "generator", None)
-    if generator is None:
-        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a hifigan one")
-    generator = copy.deepcopy(generator)
-    if hasattr(generator, "remove_weight_norm"):
-        generator.remove_weight_norm()
-    generator.requires_grad_(False)
-    check_composition(mel_config, generator, f"the mels and the vocoder {path}")
-    return generator.eval(), _hifigan_config(generator)
-
-
-def build_vocoder_from_config(config: dict[str, Any]) -> Vocoder:
-    """Instantiate a vocoder config written by `vocoder_spec` (weights loaded by the caller)."""
-    from tta.training.loading import build_network
-
-    voc = build_network(config, Vocoder)
-    voc.requires_grad_(False)
-    return voc.eval()
+__all__ = ["GRIFFINLIM_CLASS", "HIFIGAN_CLASS", "build_vocoder_from_config", "vocoder_spec"]

@@ -185,7 +185,7 @@ class LatentDiffusionModule(TTAModule):
         from tta.utils.weights import load_checkpoint
 
         if Path(path).is_dir():
-            from tta.pipelines.ldm import component_state, read_pipeline_meta
+            from tta.utils.pipeline_folder import component_state, read_pipeline_meta
 
             state = component_state(path, read_pipeline_meta(path), "unet")
         else:
@@ -328,7 +328,7 @@ class LatentDiffusionModule(TTAModule):
     @torch.no_grad()
     def generate_for_eval(self, captions: list[str], ids: list[str], seconds: float) -> torch.Tensor:
         """Waveforms ``(B, T)`` for the ``eval_metrics`` callback (a clip never retrieves itself)."""
-        from tta.pipelines.vocoder import vocoder_spec
+        from tta.vocoders.factory import vocoder_spec
 
         if self.__dict__["_eval_vocoder"] is None:
             self.__dict__["_eval_vocoder"] = vocoder_spec(self.eval_vocoder, self.mel_config)[0]
