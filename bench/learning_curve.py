@@ -122,7 +122,7 @@ def run(systems: list[str], budgets: list[int], sweep: list[int], demo: Path, ou
     for system in systems:
         extra = [f"--model.init_args.vae_checkpoint={demo / 'train' / 'vae_final.ckpt'}",
                  f"--model.init_args.clap_checkpoint={clap_ckpt}", "--trainer.val_check_interval=100000",
-                 "--trainer.enable_checkpointing=false", *overrides]
+                 *overrides]
         if system.startswith("re_"):
             features = features or build_features(out, clap_ckpt, demo_config_path("retrieval_features"), None)
             extra += [f"--model.init_args.retrieval.init_args.features={features}",
