@@ -107,12 +107,10 @@ def vocode(vocoder: Any, mels: torch.Tensor, samples: int) -> torch.Tensor:
 
 def real_test_mels(judge: Judge, module: Any) -> torch.Tensor:
     """Log-mels of the judge's real test clips (``SECONDS`` each, the model's front-end)."""
-    from tta.data.audio import load_audio
+    from tta.data.audio import load_audio, pad_or_crop
 
     sr = module.mel_config.sample_rate
-    n = round(SECONDS * sr)
-    wav = torch.stack([torch.nn.functional.pad(w[:n], (0, max(0, n - w.shape[0])))
-                       for w in (load_audio(i.audio, sr)[0] for i in judge.test)])
+    wav = torch.stack([pad_or_crop(load_audio(i.audio, sr)[0], round(SECONDS * sr)) for i in judge.test])
     return module.frontend(wav)[..., : module.frames_for(SECONDS)]
 
 
@@ -152,8 +150,9 @@ def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, step
                                                    data_dir, start)
         items = read_manifest(datamodule.manifest_path())
         samples = round(SECONDS * module.mel_config.sample_rate)
-        judge_voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
-        if judge is None:
+        if judge is None:  # the vocoders and the judge serve both models (same mel front-end)
+            judge_voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
+            hifigan = build_vocoder("universal", module.mel_config)
             judge, ceilings = fit_judge(clap, items, module, judge_voc, n_prompts)
             rows.update(ceilings)
         prompts = [i.captions[0] for i in judge.test]
@@ -164,7 +163,7 @@ def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, step
         rows[title] = scores = judge.score(wav)
         gen_seconds = time.time() - t_gen
         results["models"][name] = _report_model(out / f"generated_{name}", module, judge, scores, mels, wav,
-                                                datamodule.manifest_path(), clap, sample_steps, banned)
+                                                datamodule.manifest_path(), clap, sample_steps, banned, hifigan)
         results["models"][name]["training"] = {"steps": int(module.batches_trained), "seconds": round(seconds, 1)}
         results["models"][name]["generation_seconds"] = round(gen_seconds, 1)
     assert judge is not None
@@ -186,13 +185,10 @@ def _tail_difference(rows: dict[str, Scores]) -> dict[str, Any]:
 
 
 def _report_model(out: Path, module: Any, judge: Judge, scores: Scores, mels: torch.Tensor, wav: torch.Tensor,
-                  train_manifest: Path, clap: Any, sample_steps: int, banned: set[str]) -> dict[str, Any]:
-    """Write the listening examples (universal HiFi-GAN) and the YAMNet evaluation; the report entry."""
-    from tta.vocoders.factory import build_vocoder
-
+                  train_manifest: Path, clap: Any, sample_steps: int, banned: set[str], hifigan: Any) -> dict[str, Any]:
+    """Write the listening examples (through ``hifigan``) and the YAMNet evaluation; the report entry."""
     sr = module.mel_config.sample_rate
     out.mkdir(parents=True, exist_ok=True)
-    hifigan = build_vocoder("universal", module.mel_config)
     listen = vocode(hifigan, mels[:LISTEN_CLIPS], wav.shape[-1])
     for i, item in enumerate(judge.test[:LISTEN_CLIPS]):
         save_audio(out / f"{item.id}.wav", listen[i], sr)

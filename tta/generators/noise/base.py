@@ -94,6 +94,18 @@ class NoiseProcess(nn.Module, metaclass=abc.ABCMeta):
         if init is not None and tuple(init.shape) != tuple(shape):
             raise ValueError(f"init latents have shape {tuple(init.shape)}, expected {tuple(shape)}")
 
+    def start(self, shape: tuple[int, ...], steps: int | None, strength: float, init: torch.Tensor | None,
+              noise: torch.Tensor | None, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+        """What every `sample` begins with: the step count (`default_steps` for None), the
+        arguments checked, and the starting noise (float32, CPU): ``noise`` (shape checked) or a
+        draw from ``generator``, so a seed gives the same result on every device."""
+        steps = self.default_steps if steps is None else steps
+        self.check_sample_args(shape, steps, strength, init)
+        if noise is not None and tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        z0 = torch.randn(shape, generator=generator) if noise is None else noise.detach().float().cpu().clone()
+        return steps, z0
+
     def resolve_sampler(self, sampler: str | None) -> str:
         """``sampler`` or `default_sampler` when None; ValueError listing `samplers` if unknown."""
         name = self.default_sampler if sampler is None else sampler

@@ -155,12 +155,10 @@ class DDPMProcess(NoiseProcess):
         ``init`` is noised to the timestep ``strength`` of the way up the schedule and only the
         last ``round(steps * strength)`` (at least 1) steps run; ``strength`` 1 starts from noise
         at the first timestep."""
-        steps = self.default_steps if steps is None else steps
-        self.check_sample_args(shape, steps, strength, init)
+        steps, eps = self.start(shape, steps, strength, init, noise, generator)
         scheduler = self.make_scheduler(self.default_sampler if sampler is None else sampler)
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
-        eps = torch.randn(shape, generator=generator) if noise is None else noise.clone()
         if init is None:
             x = (eps * scheduler.init_noise_sigma).to(device)
         else:

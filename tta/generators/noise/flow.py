@@ -137,12 +137,8 @@ class RectifiedFlow(NoiseProcess):
         With ``init`` and ``strength`` < 1 (SDEdit): start at ``l0 = 1 - strength`` from
         ``z = (1 - (1 - s) l0) noise + l0 init`` and run ``max(1, round(steps * strength))``
         uniform intervals from ``l0`` to 1."""
-        steps = self.default_steps if steps is None else steps
         method = self.resolve_sampler(sampler)
-        self.check_sample_args(shape, steps, strength, init)
-        if noise is not None and tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-        z0 = torch.randn(shape, generator=generator) if noise is None else noise.detach().float().cpu().clone()
+        steps, z0 = self.start(shape, steps, strength, init, noise, generator)
         if init is None:
             l0, n = 0.0, steps
             z = z0
