@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-KINDS = ("module", "datamodule", "network", "process", "vocoder", "autoencoder", "encoder", "metric", "callback")
+KINDS = ("module", "datamodule", "network", "process", "vocoder", "discriminator", "autoencoder", "encoder", "metric",
+         "callback")
 ENTRY_POINT_GROUP = "tta.plugins"
 
 # Modules of tta itself that hold registered components; imported lazily by `load_builtin()`.
@@ -34,6 +35,7 @@ _BUILTIN_MODULES = (
     "tta.generators.vae.module",
     "tta.vocoders.hifigan.generator",
     "tta.vocoders.hifigan.discriminators",
+    "tta.vocoders.gan",
     "tta.vocoders.hifigan.module",
     "tta.vocoders.griffinlim",
     "tta.training.callbacks",

@@ -1,8 +1,10 @@
-"""PatchGAN discriminator and GAN losses (as used by the LDM / AudioLDM autoencoders).
+"""PatchGAN discriminators: `NLayerDiscriminator` (images / mels, as used by the LDM / AudioLDM
+autoencoders) and `STFTPatchDiscriminator` (the same network on a waveform's log-magnitude STFT,
+with the waveform-discriminator interface of `tta.vocoders.gan.GANVocoderModule`).
 
 `NLayerDiscriminator` keeps the ``main.{i}`` layer indices of the taming-transformers /
 latent-diffusion PatchGAN, so a checkpoint's ``loss.discriminator.*`` entries load by prefix
-stripping (with the same ``n_layers`` and norm).
+stripping (with the same ``n_layers`` and norm). The GAN losses live in `tta.nn.gan_losses`.
 """
 
 from __future__ import annotations
@@ -11,21 +13,13 @@ import logging
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tta.registry import register
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ActNorm",
-    "NLayerDiscriminator",
-    "generator_adversarial_loss",
-    "hinge_d_loss",
-    "vanilla_d_loss",
-    "weights_init",
-]
+__all__ = ["ActNorm", "NLayerDiscriminator", "STFTPatchDiscriminator", "weights_init"]
 
 NormKind = Literal["batch", "actnorm", "none"]
 
@@ -141,16 +135,64 @@ def weights_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Hinge discriminator loss ``0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))``."""
-    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+@register("discriminator", "stft_patchgan")
+class STFTPatchDiscriminator(nn.Module):
+    """`NLayerDiscriminator` on the log-magnitude STFT ``(B, 1, n_fft // 2 + 1, frames)`` of a waveform.
 
+    ``forward(wav (B, T) | (B, 1, T)) -> ([logits (B, n)], [[feature maps]])``: one
+    sub-discriminator, its feature maps taken after every LeakyReLU and at the output, the
+    interface of HiFi-GAN's MPD / MSD, so it plugs into `GANVocoderModule` by config.
 
-def vanilla_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating BCE discriminator loss ``0.5 * (mean(softplus(-real)) + mean(softplus(fake)))``."""
-    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+    Args:
+        n_fft, hop_length, win_length: the STFT (Hann window, centred; ``win_length`` defaults to
+            ``n_fft``).
+        ndf, n_layers: the PatchGAN's width and depth (both spectrogram sides must be at least
+            ``3 * 2**n_layers``).
+        norm: PatchGAN norm; ``"none"`` by default, since the real and generated batches pass
+            separately and would get different batch statistics.
+    """
 
+    def __init__(
+        self,
+        n_fft: int = 1024,
+        hop_length: int = 256,
+        win_length: int | None = None,
+        ndf: int = 32,
+        n_layers: int = 3,
+        norm: NormKind = "none",
+    ) -> None:
+        super().__init__()
+        win = win_length or n_fft
+        if not 0 < hop_length <= win <= n_fft:
+            raise ValueError(f"STFTPatchDiscriminator needs 0 < hop_length <= win_length <= n_fft, got "
+                             f"{hop_length}, {win}, {n_fft}")
+        self.n_fft, self.hop_length, self.win_length = int(n_fft), int(hop_length), int(win)
+        self.min_size = 3 * 2**n_layers
+        self.patchgan = NLayerDiscriminator(input_nc=1, ndf=ndf, n_layers=n_layers, norm=norm)
+        self.register_buffer("window", torch.hann_window(self.win_length), persistent=False)
 
-def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """LDM generator loss ``-mean(fake_logits)`` (used with either discriminator loss)."""
-    return -fake_logits.mean()
+    def spectrogram(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav (B, T) | (B, 1, T)`` -> log-magnitude ``(B, 1, n_fft // 2 + 1, frames)``."""
+        if wav.dim() == 3 and wav.shape[1] == 1:
+            wav = wav.squeeze(1)
+        if wav.dim() != 2:
+            raise ValueError(f"STFTPatchDiscriminator expects a waveform (B, T) or (B, 1, T), got {tuple(wav.shape)}")
+        spec = torch.stft(wav.float(), self.n_fft, self.hop_length, self.win_length, self.window, center=True,
+                          return_complex=True).abs()
+        return torch.log(spec.clamp(min=1e-5)).unsqueeze(1)
+
+    def forward(self, wav: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """``wav (B, T)`` -> ([patch logits ``(B, n)``], [feature maps])."""
+        x = self.spectrogram(wav)
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"STFTPatchDiscriminator: a {tuple(x.shape[-2:])} spectrogram is smaller than the {self.min_size} "
+                "bins/frames the PatchGAN needs; use longer segments, a smaller hop_length or fewer n_layers"
+            )
+        fmaps = []
+        for layer in self.patchgan.main:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                fmaps.append(x)
+        fmaps.append(x)
+        return [torch.flatten(x, 1)], [fmaps]

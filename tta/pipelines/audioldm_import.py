@@ -334,7 +334,7 @@ def import_audioldm(
     """
     from tta.generators.ldm.module import LatentDiffusionModule
     from tta.pipelines.ldm import FORMAT, PIPELINE_FILE, write_components
-    from tta.vocoders.factory import _hifigan_config
+    from tta.vocoders.factory import vocoder_config
     from tta.vocoders.hifigan.importers import load_speecht5_hifigan
 
     root, out = Path(folder).expanduser(), Path(out).expanduser()
@@ -376,7 +376,7 @@ def import_audioldm(
             "kind": "latent_diffusion",
             "mel": module.mel_config.to_dict(),
             "model": model_config,
-            "vocoder": _hifigan_config(vocoder),
+            "vocoder": vocoder_config(vocoder),
             "files": files,
             "defaults": {**IMPORT_DEFAULTS, **(defaults or {})},
             "retrieval": None,

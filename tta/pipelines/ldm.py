@@ -263,7 +263,7 @@ def export_pipeline(checkpoint: str | os.PathLike, out: str | os.PathLike, vocod
 def load_pipeline(path: str | os.PathLike, vocoder: str | None = None,
                   device: torch.device | str = "cpu") -> TextToAudioPipeline:
     """A `TextToAudioPipeline` from a pipeline folder, or from a ``latent_diffusion`` checkpoint
-    plus ``vocoder`` (``"universal"``, ``"griffinlim"`` or a ``hifigan`` checkpoint)."""
+    plus ``vocoder`` (``"universal"``, ``"griffinlim"`` or a vocoder checkpoint)."""
     from tta.pipelines.vocoder import build_vocoder_from_config, vocoder_spec
     from tta.training.loading import build_model, load_trained
     from tta.utils.weights import load_state_dict_strict

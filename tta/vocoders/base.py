@@ -8,6 +8,8 @@ generator trained on different mels (`MelConfig.check_compatible`).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -32,8 +34,12 @@ class Vocoder(nn.Module):
         hop_length: samples per mel frame.
         n_mels: number of mel bins expected on input.
         mel_config: the mel front-end the vocoder was trained on, or ``None`` when unknown.
+        needs_weights: whether it must be trained (or imported) before use. Registered vocoders
+            with ``needs_weights = False`` are built by name from a mel config alone
+            (``cls(mel_config=...)``, `tta.vocoders.factory.build_vocoder`).
     """
 
+    needs_weights: ClassVar[bool] = True
     hop_length: int
     n_mels: int
     mel_config: MelConfig | None
@@ -73,6 +79,14 @@ class Vocoder(nn.Module):
                 f"{type(self).__name__} expects a log-mel of shape (B, {self.n_mels}, frames), "
                 f"got {tuple(mel.shape)}"
             )
+
+    def init_args(self) -> dict[str, Any]:
+        """Constructor arguments rebuilding this vocoder (JSON-serialisable): pipeline folders store
+        ``{"class_path": ..., "init_args": init_args()}`` next to the weights."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not describe its constructor arguments; implement init_args() "
+            "so that pipeline folders can store it"
+        )
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Vocode ``mel (B, n_mels, frames)`` into ``wav (B, frames * hop_length)``."""

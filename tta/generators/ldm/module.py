@@ -73,7 +73,7 @@ class LatentDiffusionModule(TTAModule):
             still samples) and, for ``film_source="audio"``, the CLAP audio embedding once per
             training segment and train from that memory cache (`SegmentCache`); the losses equal
             live encoding. Prompt text vectors are memoised by CLAP itself.
-        eval_vocoder, eval_steps: vocoder (``griffinlim``, ``universal`` or a hifigan checkpoint)
+        eval_vocoder, eval_steps: vocoder (``griffinlim``, ``universal`` or a vocoder checkpoint)
             and steps of `generate_for_eval` (the ``eval_metrics`` callback; the process's fast sampler:
             DPM-Solver++ for DDPM, Euler for rectified flow).
     """

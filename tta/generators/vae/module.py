@@ -25,7 +25,8 @@ from torch import nn
 from tta.generators.vae.codec import image_to_mel, mel_to_image
 from tta.generators.vae.distribution import DiagonalGaussian
 from tta.generators.vae.network import AutoencoderKL
-from tta.nn.discriminators import NLayerDiscriminator, hinge_d_loss
+from tta.nn.discriminators import NLayerDiscriminator
+from tta.nn.gan_losses import hinge_d_loss, hinge_g_loss
 from tta.registry import register
 from tta.training.base import TTAModule
 from tta.training.schedule import adamw_with_warmup
@@ -132,7 +133,7 @@ class VAEModule(TTAModule):
         losses = self._losses(x, recon, posterior)
         loss = losses["nll"] + self.kl_weight * losses["kl"]
         if self.disc_active():
-            g_loss = -self.discriminator(recon).float().mean()
+            g_loss = hinge_g_loss(self.discriminator(recon))
             weight = self._adaptive_weight(losses["nll"], g_loss)
             loss = loss + weight * g_loss
             losses["g_adv"] = g_loss

@@ -3,8 +3,9 @@
 Both take a waveform ``(B, T)`` or ``(B, 1, T)`` and return ``(logits, feature_maps)``:
 ``logits`` is a list with one flattened logit tensor ``(B, n)`` per sub-discriminator, and
 ``feature_maps`` a list (one per sub-discriminator) of lists of intermediate activations, used
-by `tta.vocoders.hifigan.losses.feature_matching_loss`. Call them once on the real and once on
-the generated waveform.
+by `tta.nn.gan_losses.feature_matching_loss`. Call them once on the real and once on the
+generated waveform. This is the interface every discriminator of
+`tta.vocoders.gan.GANVocoderModule` has (registry kind ``discriminator``).
 
 ``channel_mult`` scales every hidden width (``1.0`` = the paper); tests use tiny versions.
 """
@@ -26,7 +27,7 @@ DiscriminatorOutput = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
 
 
 def _scaled(channels: int, mult: float) -> int:
-    return max(1, int(round(channels * mult)))
+    return max(1, round(channels * mult))
 
 
 def _as_batch_channel_time(wav: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class ScaleDiscriminator(nn.Module):
         return torch.flatten(x, 1, -1), fmaps
 
 
-@register("network", "hifigan_mpd")
+@register("discriminator", "hifigan_mpd")
 class MultiPeriodDiscriminator(nn.Module):
     """One `PeriodDiscriminator` per period (2, 3, 5, 7, 11 in the paper).
 
@@ -126,7 +127,7 @@ class MultiPeriodDiscriminator(nn.Module):
         return logits, fmaps
 
 
-@register("network", "hifigan_msd")
+@register("discriminator", "hifigan_msd")
 class MultiScaleDiscriminator(nn.Module):
     """`ScaleDiscriminator` on the waveform and on 2x, 4x, ... average-pooled copies.
 
