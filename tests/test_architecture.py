@@ -21,7 +21,6 @@ MODELS = ("tta.encoders", "tta.generators", "tta.vocoders")
 #: training callbacks build their vocoder / CLAP from a spec string. The list may only shrink.
 PENDING = {
     ("tta.training.callbacks", "tta.vocoders.factory"),
-    ("tta.training.eval_callback", "tta.encoders.clap_towers"),
 }
 
 

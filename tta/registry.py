@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-KINDS = ("module", "datamodule", "network", "process", "vocoder", "discriminator", "autoencoder", "encoder", "metric",
-         "callback")
+KINDS = ("module", "datamodule", "network", "process", "vocoder", "discriminator", "autoencoder", "encoder",
+         "conditioner", "metric", "callback")
 ENTRY_POINT_GROUP = "tta.plugins"
 
 # Modules of tta itself that hold registered components; imported lazily by `load_builtin()`.
@@ -55,6 +55,7 @@ _BUILTIN_MODULES = (
     "tta.nn.unet",
     "tta.generators.noise.ddpm",
     "tta.generators.noise.flow",
+    "tta.generators.ldm.retrieval",
     "tta.generators.ldm.module",
     "tta.metrics.fad",
     "tta.metrics.classifier",

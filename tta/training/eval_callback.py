@@ -104,9 +104,9 @@ class EvalMetricsCallback(L.Callback):
             spec = self.embedder_spec
             self._embedder = build_embedder(spec) if isinstance(spec, str) else spec
         if self.clap is None and self.clap_checkpoint is not None:
-            from tta.encoders.clap_towers import load_clap_network
+            from tta.training.loading import load_trained_part
 
-            self.clap = load_clap_network(self.clap_checkpoint)
+            self.clap = load_trained_part(self.clap_checkpoint, "clap", "CLAP (clap_trainer)")[1]
         return self._embedder, self.clap
 
     def on_validation_epoch_end(

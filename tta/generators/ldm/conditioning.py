@@ -1,73 +1,41 @@
-"""Conditioners of the latent diffusion UNet (DESIGN.md section 3).
-
-A `Conditioning` bundles what the UNet consumes: a FiLM vector and named cross-attention
-contexts ``name -> (seq (B, L, D), mask (B, L))``. Conditioners produce them:
+"""Conditioners of the latent diffusion UNet (DESIGN.md section 3; the base `Conditioner`,
+`Conditioning` and `drop_mask` live in `tta.generators.conditioning` and are re-exported here):
 
 - `ClapTextFiLM`: the (normalised) CLAP text embedding of the prompt, routed to FiLM, with a
   learned null embedding (or CLAP's embedding of the empty prompt, as public AudioLDM) used by
   classifier-free-guidance dropout and by the unconditional branch at sampling time.
-- `RetrievalConditioner` (Re-AudioLDM): the k retrieved text-audio pairs' cached features (audio
-  feature sequence and caption embedding sequence of each neighbour) projected to one width and
-  concatenated into the ``"retrieval"`` context. Training reads neighbours from the neighbour
-  table (the clip itself excluded); at test time it queries the FAISS index with the prompt's
-  CLAP text embedding. Its null is the empty context, which the UNet turns into an exact zero
-  contribution, so guidance can drop the prompt and the retrieval independently.
+- `RetrievalConditioner` (Re-AudioLDM, `tta.generators.ldm.retrieval`): the k retrieved
+  text-audio pairs' cached features (audio feature sequence and caption embedding sequence of
+  each neighbour) projected to one width and concatenated into the ``"retrieval"`` context.
+  Training reads neighbours from the neighbour table (the clip itself excluded); at test time it
+  queries the FAISS index with the prompt's CLAP text embedding. Its null is the empty context,
+  which the UNet turns into an exact zero contribution, so guidance can drop the prompt and the
+  retrieval independently.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from tta.generators.conditioning.base import Conditioner, Conditioning, drop_mask
+
 log = logging.getLogger(__name__)
+
+__all__ = ["ClapTextFiLM", "Conditioning", "RetrievalMode", "drop_mask"]
 
 RetrievalMode = Literal["both", "audio", "text"]
 
 
-@dataclass
-class Conditioning:
-    """FiLM vector ``(B, D)`` (or None) and named contexts ``name -> (seq (B, L, D), mask (B, L))``."""
-
-    film: torch.Tensor | None = None
-    context: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def cat(self, other: Conditioning) -> Conditioning:
-        """Stack two conditionings along the batch (contexts padded to a common length)."""
-        if (self.film is None) != (other.film is None) or set(self.context) != set(other.context):
-            raise ValueError("cannot stack conditionings with different routes")
-        film = None if self.film is None else torch.cat([self.film, other.film])
-        context = {}
-        for name, (seq_a, mask_a) in self.context.items():
-            seq_b, mask_b = other.context[name]
-            length = max(seq_a.shape[1], seq_b.shape[1])
-            context[name] = (
-                torch.cat([_pad(seq_a, length), _pad(seq_b, length)]),
-                torch.cat([_pad(mask_a, length), _pad(mask_b, length)]),
-            )
-        return Conditioning(film, context)
-
-
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[1] == length:
-        return x
-    pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
-    return torch.cat([x, pad], dim=1)
-
-
-def drop_mask(batch: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Bool ``(batch,)``: True where the condition is dropped (probability ``p``)."""
-    if p <= 0:
-        return torch.zeros(batch, dtype=torch.bool)
-    return torch.rand(batch, generator=generator) < p
-
-
-class ClapTextFiLM(nn.Module):
+class ClapTextFiLM(Conditioner):
     """Prompt -> normalised CLAP text embedding for FiLM, with its null embedding.
+
+    Reads ``captions`` and, optionally, ``film``: embeddings to use instead of the captions' (e.g.
+    `embed_audio`'s, AudioLDM's training condition).
 
     Args:
         clap: a (frozen) `tta.encoders.clap.network.CLAP`; only ``embed_text`` and
@@ -78,11 +46,16 @@ class ClapTextFiLM(nn.Module):
             public weights expect); ``"unit_entries"`` (``sqrt(dim)``) gives entries of order 1,
             so the FiLM projection learns at the pace of the rest of the UNet instead of
             ``sqrt(dim)`` times slower (docs/ldm.md, "Learning in a CPU budget").
+        dropout: classifier-free-guidance dropout (None: the model's ``cfg_dropout``).
     """
 
+    route = "film"
+    reads = ("captions",)
+    reads_optional = ("film",)
+
     def __init__(self, clap: nn.Module, null: Literal["learned", "empty_prompt"] = "learned",
-                 scale: float | Literal["unit_entries"] = 1.0) -> None:
-        super().__init__()
+                 scale: float | Literal["unit_entries"] = 1.0, dropout: float | None = None) -> None:
+        super().__init__(dropout)
         if null not in ("learned", "empty_prompt"):
             raise ValueError(f"null must be 'learned' or 'empty_prompt', got {null!r}")
         self.clap = clap
@@ -109,6 +82,9 @@ class ClapTextFiLM(nn.Module):
             return self.null.unsqueeze(0).expand(batch, -1)
         return self.embed([""]).expand(batch, -1) * self.scale
 
+    def null_value(self, value: torch.Tensor) -> torch.Tensor:
+        return self.null_embedding(value.shape[0]).to(value.device, value.dtype)
+
     def embed_audio(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """``(B, dim)`` CLAP *audio* embeddings of waveforms ``(B, T)`` at ``sample_rate`` (no
         gradient): AudioLDM's training condition, in the same joint space as the prompts'."""
@@ -118,14 +94,19 @@ class ClapTextFiLM(nn.Module):
             audio = resample(wav.float(), int(sample_rate), int(self.clap.sample_rate))
             return self.clap.embed_audio(audio).float()
 
-    def forward(self, captions: Sequence[str], drop: torch.Tensor | None = None,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings of ``captions`` (or the given ``embeddings``, e.g. `embed_audio`'s) times
-        ``scale``, with rows where ``drop`` is True replaced by the null embedding."""
-        emb = self.embed(captions) if embeddings is None else embeddings
-        if self.scale != 1.0:
-            emb = emb * self.scale
-        if drop is not None and drop.any():
-            null = self.null_embedding(len(captions)).to(emb.device, emb.dtype)
-            emb = torch.where(drop.to(emb.device)[:, None], null, emb)
-        return emb
+    def encode(self, inputs: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        """Embeddings of the captions (or the given ``film`` embeddings) times ``scale``."""
+        film = inputs.get("film")
+        emb = self.embed(inputs["captions"]) if film is None else film
+        return emb * self.scale if self.scale != 1.0 else emb
+
+    def forward(self, inputs: Mapping[str, Any] | Sequence[str], drop: torch.Tensor | None = None,
+                device: torch.device | str | None = None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """`Conditioner.forward`; ``inputs`` may also be the captions themselves, with ``embeddings``
+        the FiLM embeddings to use instead of theirs. On the embeddings' device unless ``device``."""
+        inputs = dict(self.as_inputs(inputs))
+        if embeddings is not None:
+            inputs["film"] = embeddings
+        if device is None:
+            device = inputs["film"].device if inputs.get("film") is not None else self.device
+        return super().forward(inputs, drop, device)

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tta.generators.conditioning import Conditioner
 from tta.generators.ldm.conditioning import ClapTextFiLM
 from tta.generators.ldm.model import LatentDiffusion
-from tta.generators.ldm.retrieval import CONTEXT_NAME, RetrievalConditioner
+from tta.generators.ldm.retrieval import RetrievalConditioner
 from tta.generators.noise import DDPMProcess, NoiseProcess
 from tta.generators.vae.codec import LatentCodec
 from tta.generators.vae.network import AutoencoderKL
@@ -50,7 +51,13 @@ class LatentDiffusionModule(TTAModule):
         vae_checkpoint / vae + scale_factor: the frozen mel VAE (a ``vae`` checkpoint, or a
             network and its latent scale).
         clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network).
-        retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM).
+        retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM); the conditioner
+            ``"retrieval"``.
+        conditioners: further conditioners ``{name: Conditioner}`` (``class_path`` entries in a
+            config), after ``"text"`` (the CLAP FiLM built from ``clap``) and ``"retrieval"``; each
+            reads its keys from the inputs the steps pass: the batch's entries (``id``, ``mel``,
+            ...) plus ``captions``, ``neighbours`` and ``film`` (docs/architecture.md, "How to add
+            a conditioner").
         film_null: null embedding of the prompt (``"learned"`` or ``"empty_prompt"``).
         film_scale: factor on the unit-norm CLAP embedding fed to FiLM: 1 (AudioLDM; public
             weights) or ``"unit_entries"`` (``sqrt(joint_dim)``: the FiLM path learns as fast as
@@ -59,7 +66,8 @@ class LatentDiffusionModule(TTAModule):
             ``"text"`` (the caption's CLAP text embedding; Re-AudioLDM) or ``"audio"`` (the clip's
             CLAP audio embedding, as AudioLDM trains; needs a CLAP with an audio tower, and lets
             uncaptioned audio train the model). Generation always uses the prompt's text embedding.
-        cfg_dropout: per-condition dropout for classifier-free guidance (0.1 in the papers).
+        cfg_dropout: per-conditioner dropout for classifier-free guidance (0.1 in the papers; a
+            float for all, or by name), for the conditioners not given their own ``dropout``.
         num_train_timesteps, beta_start, beta_end, beta_schedule, objective: AudioLDM's DDPM
             (`DDPMProcess`), used when ``process`` is None.
         process: any noise process instead (``class_path: rectified_flow``, or ``ddpm``); the
@@ -87,6 +95,7 @@ class LatentDiffusionModule(TTAModule):
         clap_checkpoint: str | None = None,
         clap: nn.Module | None = None,
         retrieval: RetrievalConditioner | None = None,
+        conditioners: dict[str, Conditioner] | None = None,
         film_null: str = "learned",
         film_scale: float | str = 1.0,
         film_source: str = "text",
@@ -113,19 +122,21 @@ class LatentDiffusionModule(TTAModule):
         seed: int = 0,
     ) -> None:
         super().__init__(mel=mel, ema_decay=ema_decay, grad_clip=grad_clip, nan_max_skips=nan_max_skips, seed=seed)
-        self.save_hyperparameters(ignore=["unet", "vae", "clap", "retrieval", "process"])
+        self.save_hyperparameters(ignore=["unet", "vae", "clap", "retrieval", "conditioners", "process"])
         self.codec = self._build_codec(vae_checkpoint, vae, scale_factor)
         clap = self._build_clap(clap_checkpoint, clap)
         ddpm = DDPMProcess(num_train_timesteps, beta_start, beta_end, beta_schedule, objective)
         if process is not None and ddpm.config() != DDPMProcess().config():
             raise ValueError("give either process or the DDPM arguments (num_train_timesteps, beta_start, "
                              "beta_end, beta_schedule, objective), not both")
-        self.model = LatentDiffusion(unet, ClapTextFiLM(clap, film_null, film_scale), retrieval, process or ddpm, cfg_dropout)
+        self.model = LatentDiffusion(unet, self._conditioners(ClapTextFiLM(clap, film_null, film_scale), retrieval,
+                                                              conditioners), process or ddpm, cfg_dropout)
         self.film_source = self._check_film_source(film_source, clap)
-        for attr in ("in_channels", "out_channels"):
-            if getattr(unet, attr, self.codec.latent_channels) != self.codec.latent_channels:
-                raise ValueError(f"the UNet's {attr} is {getattr(unet, attr)} but the VAE's latents have "
-                                 f"{self.codec.latent_channels} channels")
+        latent, concat = self.codec.latent_channels, self.model.concat_channels
+        for attr, want in (("in_channels", latent + concat), ("out_channels", latent)):
+            if getattr(unet, attr, want) != want:
+                raise ValueError(f"the UNet's {attr} is {getattr(unet, attr)} but the VAE's latents have {latent} "
+                                 f"channels" + (f" (plus {concat} concat conditioner channels)" if concat else ""))
         self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
         self.val_timesteps = tuple(int(t) for t in val_timesteps)
         if any(not 0 <= t < num_train_timesteps for t in self.val_timesteps):
@@ -151,6 +162,17 @@ class LatentDiffusionModule(TTAModule):
         if scale is None:
             raise ValueError("a VAE network needs its scale_factor (1 / std of its latents)")
         return LatentCodec(vae, self.mel_config, scale)
+
+    @staticmethod
+    def _conditioners(text: ClapTextFiLM, retrieval: RetrievalConditioner | None,
+                      extra: dict[str, Conditioner] | None) -> dict[str, Conditioner]:
+        """``{"text", "retrieval" (if any), *extra}``; an extra one may not take their names."""
+        own: dict[str, Conditioner] = {"text": text} if retrieval is None else {"text": text, "retrieval": retrieval}
+        clash = sorted({"text", "retrieval"} & set(extra or {}))
+        if clash:
+            raise ValueError(f"conditioners {clash} are built from this module's own arguments (clap/film_*, "
+                             "retrieval); give the extra conditioners other names")
+        return {**own, **(extra or {})}
 
     @staticmethod
     def _build_clap(path: str | None, clap: nn.Module | None) -> nn.Module:
@@ -181,7 +203,8 @@ class LatentDiffusionModule(TTAModule):
 
     def init_unet_from(self, path: str) -> None:
         """Copy a trained UNet's weights from a ``latent_diffusion`` checkpoint or a pipeline folder
-        (e.g. an imported public AudioLDM); only the retrieval cross-attention may be new."""
+        (e.g. an imported public AudioLDM); only the cross-attentions of this model's context
+        conditioners (Re-AudioLDM's retrieval) may be new."""
         from tta.utils.weights import load_checkpoint
 
         if Path(path).is_dir():
@@ -195,13 +218,14 @@ class LatentDiffusionModule(TTAModule):
         if not source:
             raise KeyError(f"{path} holds no UNet weights (no '{prefix}*' keys)")
         target = self.model.unet.state_dict()
+        contexts = list(self.model.routed("context"))
         unexpected = sorted(set(source) - set(target))
-        missing = sorted(k for k in set(target) - set(source) if f".{CONTEXT_NAME}." not in k)
+        missing = sorted(k for k in set(target) - set(source) if not any(f".{c}." in k for c in contexts))
         mismatched = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
         if unexpected or missing or mismatched:
             raise KeyError(
                 f"cannot initialise the UNet from {path}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                f"shape mismatch {mismatched[:5]} (only '{CONTEXT_NAME}' cross-attention keys may be new)"
+                f"shape mismatch {mismatched[:5]} (only the cross-attention keys of {contexts} may be new)"
             )
         new = sorted(set(target) - set(source))
         target.update(source)
@@ -213,7 +237,8 @@ class LatentDiffusionModule(TTAModule):
                                f"this model's {tuple(self.model.text.null.shape)}")
             with torch.no_grad():
                 self.model.text.null.copy_(null)
-        log.info("UNet initialised from %s (%d tensors; %d new: the retrieval attention)", path, len(source), len(new))
+        log.info("UNet initialised from %s (%d tensors; %d new: the %s attention)", path, len(source), len(new),
+                 contexts)
 
     def ema_target(self) -> nn.Module:
         return self.model
@@ -222,6 +247,13 @@ class LatentDiffusionModule(TTAModule):
     def _neighbours(self, ids: list[str]) -> list[list[str]] | None:
         retrieval = self.model.retrieval
         return None if retrieval is None else retrieval.training_neighbours(ids)
+
+    def condition_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The conditioners' inputs of a training / validation batch: its entries (``id``,
+        ``caption``, ``mel``, ...) plus ``captions``, the table ``neighbours`` and the ``film``
+        embeddings (None: from the captions)."""
+        return {**batch, "captions": batch["caption"], "neighbours": self._neighbours(batch["id"]),
+                "film": self._film(batch)}
 
     def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The batch's FiLM embeddings for ``film_source="audio"`` (None: from the captions)."""
@@ -253,8 +285,7 @@ class LatentDiffusionModule(TTAModule):
     def train_step(self, batch: dict[str, Any]) -> None:
         g = self.step_generator()
         latents = self.training_latents(batch, g)
-        loss = self.model.loss(latents, batch["caption"], self._neighbours(batch["id"]), generator=g,
-                               film=self._film(batch))
+        loss = self.model.loss(latents, self.condition_inputs(batch), generator=g)
         (opt, sched), = self.optimizer_pairs(1)
         self.guarded_step(loss, opt, [p for p in self.model.parameters() if p.requires_grad], sched)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=latents.shape[0])
@@ -264,14 +295,11 @@ class LatentDiffusionModule(TTAModule):
         g = torch.Generator().manual_seed(self.seed)
         latents = self.codec.encode(batch["mel"].float(), sample=False)
         b = latents.shape[0]
-        keep = {c: torch.zeros(b, dtype=torch.bool) for c in self.model.cfg_dropout}
-        neighbours, film = self._neighbours(batch["id"]), self._film(batch)
+        keep = {c: torch.zeros(b, dtype=torch.bool) for c in self.model.conditioner_names}
+        inputs = self.condition_inputs(batch)
         last = self.hparams["num_train_timesteps"] - 1
         times = self.model.process.fixed_times([t / last for t in self.val_timesteps])
-        losses = [
-            self.model.loss(latents, batch["caption"], neighbours, generator=g, t=t.expand(b), drop=keep, film=film)
-            for t in times
-        ]
+        losses = [self.model.loss(latents, inputs, generator=g, t=t.expand(b), drop=keep) for t in times]
         return torch.stack(losses).mean()
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -301,16 +329,17 @@ class LatentDiffusionModule(TTAModule):
     def generate_mel(self, captions: list[str], frames: int, steps: int | None = 50, sampler: str | None = None,
                      guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
                      noise: torch.Tensor | None = None, init_mel: torch.Tensor | None = None,
-                     strength: float = 1.0) -> torch.Tensor:
+                     strength: float = 1.0, inputs: dict[str, Any] | None = None) -> torch.Tensor:
         """Log-mels ``(B, n_mels, frames)`` for ``captions`` (retrieval: the given neighbours, or
         an index query with the prompts' CLAP text embeddings); ``noise``: the initial latents
         ``(B, *codec.latent_shape(frames))`` instead of the seeded draw; ``init_mel`` ``(B, n_mels,
         frames)`` with ``strength`` < 1: edit that audio towards the captions (AudioLDM's style
-        transfer). ``sampler`` None: the noise process's default (DDIM for DDPM, Euler for flows)."""
+        transfer). ``sampler`` None: the noise process's default (DDIM for DDPM, Euler for flows);
+        ``inputs``: further conditioner inputs (the keys an extra conditioner reads)."""
         model = self.model
         if model.retrieval is not None and neighbours is None:
             neighbours = model.retrieval.query_neighbours(model.text.embed(captions))
-        cond = model.conditioning(captions, neighbours)
+        cond = model.conditioning({**(inputs or {}), "captions": captions, "neighbours": neighbours})
         g = torch.Generator().manual_seed(seed)
         shape = self.codec.latent_shape(frames)
         if noise is not None and tuple(noise.shape) != (len(captions), *shape):
@@ -337,7 +366,7 @@ class LatentDiffusionModule(TTAModule):
             neighbours = self.model.retrieval.query_neighbours(self.model.text.embed(captions),
                                                                exclude=[{i} for i in ids])
         mel = self.generate_mel(list(captions), self.frames_for(seconds), steps=self.eval_steps,
-                                sampler=self.model.process.fast_sampler, neighbours=neighbours)
+                                sampler=self.model.process.fast_sampler, neighbours=neighbours, inputs={"id": list(ids)})
         vocoder = self.__dict__["_eval_vocoder"].to(mel.device)
         return vocoder(mel).float()[..., : round(seconds * self.mel_config.sample_rate)]
 
@@ -345,5 +374,6 @@ class LatentDiffusionModule(TTAModule):
         """For the demo callback: the real mels and generations for their captions."""
         frames = batch["mel"].shape[-1]
         ids = batch["id"]
-        gen = self.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids))
+        gen = self.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids),
+                                inputs=batch)
         return {"input": batch["mel"], "generated": gen}

@@ -16,14 +16,16 @@ instantiated (and checked) on a machine without the datastore when the dims are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tta.generators.conditioning.base import Conditioner
 from tta.generators.ldm.conditioning import RetrievalMode
+from tta.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,11 @@ def _dims(store: Any) -> dict[str, int | None]:
     return {m: store.dim(m) if store.has(m) else None for m in ("audio", "text")}
 
 
-class RetrievalConditioner(nn.Module):
+@register("conditioner", "retrieval_conditioner")
+class RetrievalConditioner(Conditioner):
     """Neighbour ids -> ``(context (B, L, context_dim), mask (B, L))`` for the ``"retrieval"`` context.
+
+    Reads ``neighbours`` (k datastore ids per clip); its null is the empty context (all-False mask).
 
     Args:
         features: directory of the neighbour feature store (`tta.retrieval.features.FeatureStore`).
@@ -45,7 +50,11 @@ class RetrievalConditioner(nn.Module):
         context_dim: width of the projected context (the UNet's ``context_dims["retrieval"]``).
         audio_dim, text_dim: widths of the stored features; read from the store when None, and
             checked against it when given.
+        dropout: classifier-free-guidance dropout (None: the model's ``cfg_dropout``).
     """
+
+    route = "context"
+    reads = ("neighbours",)
 
     def __init__(
         self,
@@ -56,14 +65,16 @@ class RetrievalConditioner(nn.Module):
         context_dim: int = 768,
         audio_dim: int | None = None,
         text_dim: int | None = None,
+        dropout: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(dropout)
         if mode not in ("both", "audio", "text"):
             raise ValueError(f"retrieval mode must be 'both', 'audio' or 'text', got {mode!r}")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.features_dir, self.index_dir = str(features), None if index is None else str(index)
         self.k, self.mode, self.context_dim = int(k), mode, int(context_dim)
+        self.dim = self.context_dim
         self._store: Any = None
         self._index: Any = None
         self._table: Any = None
@@ -154,14 +165,9 @@ class RetrievalConditioner(nn.Module):
         return ids
 
     # ---------------------------------------------------------------------- context
-    def forward(self, neighbours: Sequence[Sequence[str]], drop: torch.Tensor | None = None,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context ``(B, L, context_dim)`` and mask ``(B, L)`` (True = real token) of the neighbours.
-
-        Rows where ``drop`` is True get an all-False mask (the null condition).
-        """
-        if device is None:
-            device = next(self.parameters()).device
+    def encode(self, inputs: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context ``(B, L, context_dim)`` and mask ``(B, L)`` (True = real token) of the neighbours."""
+        neighbours: Sequence[Sequence[str]] = inputs["neighbours"]
         batch = len(neighbours)
         counts = {len(n) for n in neighbours}
         if len(counts) > 1:
@@ -179,7 +185,4 @@ class RetrievalConditioner(nn.Module):
             parts.append(proj(seq))
             masks.append(feats[f"{kind}_mask"].to(device))
         seq = torch.cat(parts, dim=2).flatten(1, 2)  # neighbour-major: [A1 T1 A2 T2 ...]
-        mask = torch.cat(masks, dim=2).flatten(1, 2).bool()
-        if drop is not None and drop.any():
-            mask = mask & ~drop.to(device)[:, None]
-        return seq, mask
+        return seq, torch.cat(masks, dim=2).flatten(1, 2).bool()
