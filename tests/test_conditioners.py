@@ -342,3 +342,32 @@ def test_module_takes_extra_conditioners_and_checks_latent_channels(bert: Path) 
         module(unet(), conditioners={"text": HashFiLM()})
     with pytest.raises(ValueError, match=r"in_channels is 10 but the VAE's latents have 4 channels \(plus 2 concat"):
         module(unet(in_channels=10, out_channels=8), conditioners={"maps": MapConcat(2)})
+
+
+# --------------------------------------------------------------------------- token-level text context
+def test_text_token_context_feeds_cross_attention_and_trains(bert: Path) -> None:
+    from tta.encoders.text import BertTextEncoder
+    from tta.generators.conditioning.text_tokens import TextTokenContext
+
+    assert registry.get("text_token_context", "conditioner") is TextTokenContext
+    encoder = BertTextEncoder(str(bert), max_length=32)
+    tokens = TextTokenContext(encoder, dropout=0.0)
+    torch.manual_seed(0)
+    text = ClapTextFiLM(build(tiny_clap_config(bert)))
+    model = LatentDiffusion(unet(context_dims={"tokens": encoder.dim}), {"text": text, "tokens": tokens})
+    captions = ["a dog barks", "rain falls on a tin roof"]
+    cond = model.conditioning(captions)
+    seq, mask = cond.context["tokens"]
+    assert seq.shape[:2] == mask.shape and seq.shape == (2, mask.shape[1], encoder.dim)
+    assert mask.sum(1)[1] > mask.sum(1)[0]  # the longer caption has more real tokens
+    assert not model.unconditional(cond, drop=["tokens"]).context["tokens"][1].any()
+    # the encoder stays frozen; the UNet's cross-attention to the tokens learns
+    loss = model.loss(torch.randn(2, 4, 8, 8), captions, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    attn = [p for n, p in model.unet.named_parameters() if "tokens" in n and p.grad is not None]
+    assert attn and any(p.grad.abs().sum() > 0 for p in attn)
+    with pytest.raises(TypeError, match="TextEncoder"):
+        TextTokenContext(nn.Linear(2, 2))
+    with pytest.raises(MissingInputError, match="captions"):
+        tokens({"ids": ["c0"]}, None, torch.device("cpu"))

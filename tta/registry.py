@@ -56,6 +56,7 @@ _BUILTIN_MODULES = (
     "tta.generators.noise.ddpm",
     "tta.generators.noise.flow",
     "tta.generators.ldm.retrieval",
+    "tta.generators.conditioning.text_tokens",
     "tta.generators.ldm.module",
     "tta.metrics.fad",
     "tta.metrics.classifier",
