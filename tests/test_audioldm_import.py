@@ -174,13 +174,13 @@ def test_pipeline_json_and_folder(imported: dict[str, Any]) -> None:
         p for p in out.parent.iterdir() if p.name.startswith(".pipe.")
     ]  # no temporary folder left
     pipe = imported["pipe"]
-    assert isinstance(pipe.module.model.text.clap, ClapTextOnly)
-    assert pipe.module.model.text.null is None and pipe.sample_rate == 16000
-    assert pipe.module.model.schedule.betas.shape == (1000,)
+    assert isinstance(pipe.generator.model.text.clap, ClapTextOnly)
+    assert pipe.generator.model.text.null is None and pipe.sample_rate == 16000
+    assert pipe.generator.model.schedule.betas.shape == (1000,)
 
 
 def test_text_embeddings_equal_normalised_text_embeds(imported: dict[str, Any]) -> None:
-    text = imported["pipe"].module.model.text
+    text = imported["pipe"].generator.model.text
     ours = text.embed([*PROMPTS, ""])
     theirs = _their_text_embeds(imported["ref"], [*PROMPTS, ""])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -195,7 +195,7 @@ def test_text_embeddings_equal_normalised_text_embeds(imported: dict[str, Any]) 
 def test_unet_output_with_our_conditioning_equals_diffusers(
     imported: dict[str, Any],
 ) -> None:
-    model, ref = imported["pipe"].module.model, imported["ref"]
+    model, ref = imported["pipe"].generator.model, imported["ref"]
     g = torch.Generator().manual_seed(3)
     x, t = torch.randn(2, LATENT, 8, 32, generator=g), torch.tensor([10, 981])
     cond = model.conditioning(PROMPTS)
@@ -217,7 +217,7 @@ def test_vae_decode_and_vocoder_equal_diffusers(imported: dict[str, Any]) -> Non
     pipe, ref = imported["pipe"], imported["ref"]
     z = torch.randn(2, LATENT, 8, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ours = pipe.module.codec.decode(z)  # (B, n_mels, frames)
+        ours = pipe.generator.codec.decode(z)  # (B, n_mels, frames)
         theirs = ref.vae.decode(z / SCALE).sample  # (B, 1, frames, n_mels)
         assert ours.shape == (2, 64, 16)
         torch.testing.assert_close(
@@ -270,7 +270,7 @@ def test_text_only_clap_refuses_reranking(imported: dict[str, Any]) -> None:
     ):
         pipe.generate(PROMPTS[:1], duration=DURATION, steps=1, candidates=2)
     with pytest.raises(NoAudioTowerError):
-        pipe.module.model.text.clap.embed_audio(torch.zeros(1, 16000))
+        pipe.generator.model.text.clap.embed_audio(torch.zeros(1, 16000))
 
 
 def test_a_separate_full_clap_reranks_candidates(imported: dict[str, Any], tmp_path: Path) -> None:
@@ -302,7 +302,7 @@ def test_moved_pipeline_folder_still_loads(
     moved.parent.mkdir()
     os.replace(first, moved)
     pipe = load_pipeline(moved)
-    emb = pipe.module.model.text.embed(PROMPTS)
+    emb = pipe.generator.model.text.embed(PROMPTS)
     torch.testing.assert_close(
         emb, _their_text_embeds(imported["ref"], PROMPTS), atol=1e-5, rtol=0
     )

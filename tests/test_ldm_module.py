@@ -143,11 +143,11 @@ def test_tiny_overfit_loss_drops_and_sampling_works(bert: Path, batch: dict[str,
 
     module.eval()
     frames = batch["mel"].shape[-1]
-    mel = module.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
-    again = module.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
+    mel = module.generator.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
+    again = module.generator.generate_mel(list(batch["caption"][:2]), frames, steps=4, guidance=2.0, seed=3)
     assert mel.shape == (2, 80, frames) and torch.isfinite(mel).all()
     assert torch.equal(mel, again)
-    odd = module.generate_mel(["a bell rings"], 37, steps=2, guidance=1.0)  # not a multiple of any factor
+    odd = module.generator.generate_mel(["a bell rings"], 37, steps=2, guidance=1.0)  # not a multiple of any factor
     assert odd.shape == (1, 80, 37)
     module.eval_steps = 2  # the `eval_metrics` callback's hook: waveforms of the requested length
     wav = module.generate_for_eval(["a bell rings", "a dog barks"], ["a", "b"], 0.3)
@@ -206,7 +206,7 @@ def test_test_time_retrieval_queries_the_index_and_can_switch_index(bert: Path, 
     first = retrieval.query_neighbours(emb)
     assert all(len(nb) == 2 and all(n.startswith("c") for n in nb) for nb in first)
     assert retrieval.query_neighbours(emb, exclude=[{first[0][0]}, set()])[0][0] != first[0][0]
-    mel = module.generate_mel(["a bell rings", "a dog barks"], 12, steps=2)
+    mel = module.generator.generate_mel(["a bell rings", "a dog barks"], 12, steps=2)
     assert mel.shape == (2, 80, 12) and torch.isfinite(mel).all()
     retrieval.use_index(str(other))
     assert all(n.startswith("o") for nb in retrieval.query_neighbours(emb) for n in nb)
@@ -230,7 +230,7 @@ def test_audio_film_source_trains_on_clap_audio_embeddings(bert: Path, batch: di
     assert not torch.allclose(seen[0], text, atol=1e-3)
     module.model.loss(module.codec.encode(batch["mel"]), batch["caption"], film=module._film(batch)).backward()
     assert any(p.grad is not None for p in module.model.unet.class_embedding.parameters())
-    assert module.generate_mel(["a bell rings"], 12, steps=2).shape == (1, 80, 12)
+    assert module.generator.generate_mel(["a bell rings"], 12, steps=2).shape == (1, 80, 12)
 
 
 def test_film_source_errors(bert: Path, tmp_path: Path) -> None:
@@ -308,10 +308,10 @@ def test_rectified_flow_module_trains_validates_and_samples(bert: Path, batch: d
     expected = [1000.0 * t / 999 for t in module.val_timesteps]
     torch.testing.assert_close(torch.stack([s[0] for s in seen]), torch.tensor(expected), rtol=1e-5, atol=1e-3)
     module.eval()
-    mel = module.generate_mel(["a bell rings"], 12, steps=3)  # the process's default sampler (Euler)
+    mel = module.generator.generate_mel(["a bell rings"], 12, steps=3)  # the process's default sampler (Euler)
     assert mel.shape == (1, 80, 12) and torch.isfinite(mel).all()
     with pytest.raises(ValueError, match="unknown sampler 'ddim'; choose one of euler, heun"):
-        module.generate_mel(["a bell rings"], 12, steps=3, sampler="ddim")
+        module.generator.generate_mel(["a bell rings"], 12, steps=3, sampler="ddim")
 
 
 def test_process_and_ddpm_arguments_are_exclusive(bert: Path) -> None:

@@ -85,17 +85,15 @@ def generate_mels(module: Any, prompts: list[str], banned: set[str], steps: int 
                   sampler: str | None = None, guidance: float = GUIDANCE, seed: int = 0) -> torch.Tensor:
     """Log-mels of ``prompts`` (``SECONDS`` each, in chunks); a retrieving model queries its index
     with the prompts and never returns a clip in ``banned`` (validation / test / held-out)."""
-    model = module.model
-    sampler = sampler or model.process.fast_sampler
-    frames = module.frames_for(SECONDS)
+    gen = module.generator
+    sampler = sampler or gen.model.process.fast_sampler
+    frames = gen.frames_for(SECONDS)
     mels = []
     for s in range(0, len(prompts), CHUNK):
         chunk = prompts[s : s + CHUNK]
-        neighbours = None
-        if model.retrieval is not None:
-            neighbours = model.retrieval.query_neighbours(model.text.embed(chunk), exclude=[banned] * len(chunk))
-        mels.append(module.generate_mel(chunk, frames, steps=steps, sampler=sampler, guidance=guidance,
-                                        seed=seed + s, neighbours=neighbours))
+        neighbours = gen.query_neighbours(chunk, exclude=[banned] * len(chunk))
+        mels.append(gen.generate_mel(chunk, frames, steps=steps, sampler=sampler, guidance=guidance, seed=seed + s,
+                                     neighbours=neighbours))
     return torch.cat(mels)
 
 
@@ -111,7 +109,7 @@ def real_test_mels(judge: Judge, module: Any) -> torch.Tensor:
 
     sr = module.mel_config.sample_rate
     wav = torch.stack([pad_or_crop(load_audio(i.audio, sr)[0], round(SECONDS * sr)) for i in judge.test])
-    return module.frontend(wav)[..., : module.frames_for(SECONDS)]
+    return module.frontend(wav)[..., : module.generator.frames_for(SECONDS)]
 
 
 def fit_judge(clap: Any, items: list[Any], module: Any, vocoder: Any,

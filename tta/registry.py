@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 log = logging.getLogger(__name__)
 
 KINDS = ("module", "datamodule", "network", "process", "vocoder", "discriminator", "autoencoder", "encoder",
-         "conditioner", "metric", "callback")
+         "conditioner", "metric", "callback", "pipeline")
 ENTRY_POINT_GROUP = "tta.plugins"
 
 # Modules of tta itself that hold registered components; imported lazily by `load_builtin()`.
@@ -38,6 +38,7 @@ _BUILTIN_MODULES = (
     "tta.vocoders.gan",
     "tta.vocoders.hifigan.module",
     "tta.vocoders.griffinlim",
+    "tta.vocoders.hifigan.universal",
     "tta.training.callbacks",
     "tta.encoders.htsat",
     "tta.encoders.cnn14",
@@ -63,6 +64,7 @@ _BUILTIN_MODULES = (
     "tta.metrics.clap_score",
     "tta.metrics.spectrogram",
     "tta.training.eval_callback",
+    "tta.pipelines.ldm",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

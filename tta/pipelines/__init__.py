@@ -1,4 +1,4 @@
-"""Inference composition: text (+ references) -> waveform."""
+"""Inference composition: text (+ references) -> waveform (`tta.pipelines.base.Pipeline`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ __all__ = ["load_pipeline"]
 
 
 def load_pipeline(path: Any, vocoder: str | None = None, device: str = "cpu") -> Any:
-    """A text-to-audio pipeline from a pipeline folder or a checkpoint (see `tta.pipelines.ldm`)."""
-    from tta.pipelines.ldm import load_pipeline as _load
+    """The pipeline of a pipeline folder or a checkpoint (`tta.pipelines.base.load_pipeline`)."""
+    from tta.pipelines.base import load_pipeline as _load
 
     return _load(path, vocoder=vocoder, device=device)

@@ -333,7 +333,7 @@ def import_audioldm(
         defaults: sampling defaults stored in the folder (default `IMPORT_DEFAULTS`).
     """
     from tta.generators.ldm.module import LatentDiffusionModule
-    from tta.pipelines.ldm import FORMAT, PIPELINE_FILE, write_components
+    from tta.pipelines.base import write_components, write_meta
     from tta.vocoders.factory import vocoder_config
     from tta.vocoders.hifigan.importers import load_speecht5_hifigan
 
@@ -370,9 +370,8 @@ def import_audioldm(
             "init_args": {"unet": unet_config, "vae": vae_config, "scale_factor": scale, "clap": clap_config,
                           **common, "init_from": None},
         }  # fmt: skip
-        files = write_components(module, vocoder, tmp)
-        meta = {
-            "format": FORMAT,
+        files = write_components(module.generator, vocoder, tmp)
+        write_meta(tmp, {
             "kind": "latent_diffusion",
             "mel": module.mel_config.to_dict(),
             "model": model_config,
@@ -383,7 +382,6 @@ def import_audioldm(
             "relative_paths": [TEXT_PATH_POINTER],
             "source": {"diffusers": str(root.resolve()), "pipeline": PIPELINE_CLASS,
                        "diffusers_version": index.get("_diffusers_version")},
-        }  # fmt: skip
-        (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
+        })  # fmt: skip
     log.info("imported the AudioLDM folder %s as the pipeline %s", root, out)
     return out

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from tta.generators.noise import DDPMProcess, RectifiedFlow
 
@@ -59,9 +60,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def generate(args: argparse.Namespace) -> int:
     """Generate every prompt in batches; write WAVs, PNGs and ``generations.jsonl``."""
-    from tta.data.audio import save_audio
-    from tta.pipelines.ldm import load_pipeline
-    from tta.utils.plots import safe_name, save_spectrograms
+    from tta.pipelines.base import load_pipeline
+    from tta.utils.plots import safe_name
 
     prompts = read_prompts(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
@@ -69,46 +69,43 @@ def generate(args: argparse.Namespace) -> int:
         from tta.encoders.clap_towers import load_clap_network
 
         pipe.rerank_clap = load_clap_network(args.rerank_clap).to(args.device)
-    if args.index is not None:
-        retrieval = pipe.module.model.retrieval
-        if retrieval is None:
-            raise ValueError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
-        retrieval.use_index(str(args.index))
-    init_audio, strength = None, 1.0
-    if args.init_audio is not None:
-        from tta.data.audio import load_audio
-
-        init_audio, _ = load_audio(args.init_audio, pipe.sample_rate)
-        strength = 0.5 if args.strength is None else args.strength
-    elif args.strength is not None:
-        raise ValueError("--strength needs --init-audio (the audio to edit)")
+    inputs = _system_inputs(args, pipe)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         gen = pipe.generate(batch, duration=args.duration, steps=args.steps, guidance=args.guidance,
                             seed=args.seed + start, sampler=args.sampler, candidates=args.candidates,
-                            allow_silent=args.allow_silent, init_audio=init_audio, strength=strength)
-        for j, prompt in enumerate(batch):
-            clip_id = f"{start + j:04d}_{safe_name(prompt)[:48]}"
-            save_audio(args.out / f"{clip_id}.wav", gen.wav[j], gen.sample_rate)
-            save_spectrograms(args.out / f"{clip_id}.png", {prompt: gen.mel[j]}, pipe.mel_config)
-            rows.append({
-                "id": clip_id, "audio": f"{clip_id}.wav", "captions": [prompt], "split": "generated",
-                "duration": gen.wav.shape[-1] / gen.sample_rate, "sample_rate": gen.sample_rate,
-                "generation": {
-                    "pipeline": str(args.pipeline), "seed": args.seed + start, **gen.settings,
-                    "neighbours": None if gen.neighbours is None else gen.neighbours[j],
-                    "clap_score": None if gen.clap_scores is None else gen.clap_scores[j],
-                    "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
-                    "init_audio": None if args.init_audio is None else str(args.init_audio),
-                },
-            })
+                            allow_silent=args.allow_silent, **inputs)
+        ids = [f"{start + j:04d}_{safe_name(prompt)[:48]}" for j, prompt in enumerate(batch)]
+        rows += pipe.save(gen, args.out, ids, {
+            "pipeline": str(args.pipeline), "seed": args.seed + start,
+            "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
+            "init_audio": None if args.init_audio is None else str(args.init_audio),
+        })
         log.info("generated %d/%d clips", min(start + args.batch_size, len(prompts)), len(prompts))
     manifest = args.out / "generations.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     log.info("wrote %d clips and %s", len(rows), manifest)
     return 0
+
+
+def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The latent-diffusion options: ``--index`` (Re-AudioLDM's datastore), ``--init-audio`` /
+    ``--strength`` (style transfer)."""
+    if args.index is not None:
+        retrieval = getattr(getattr(pipe.generator, "model", None), "retrieval", None)
+        if retrieval is None:
+            raise ValueError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
+        retrieval.use_index(str(args.index))
+    if args.init_audio is not None:
+        from tta.data.audio import load_audio
+
+        init_audio, _ = load_audio(args.init_audio, pipe.sample_rate)
+        return {"init_audio": init_audio, "strength": 0.5 if args.strength is None else args.strength}
+    if args.strength is not None:
+        raise ValueError("--strength needs --init-audio (the audio to edit)")
+    return {}
 
 
 def main(argv: list[str]) -> int:
@@ -118,7 +115,7 @@ def main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     """``tta pipeline export CHECKPOINT --out DIR [--vocoder universal]``."""
-    from tta.pipelines.ldm import export_pipeline
+    from tta.pipelines.base import export_pipeline
 
     p = argparse.ArgumentParser(prog="tta pipeline export", description="Write a self-describing pipeline folder.")
     p.add_argument("checkpoint", type=Path, help="a latent_diffusion checkpoint")

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tta.registry import register
+from tta.training.vocoding import resolve_vocoder
 from tta.utils.plots import safe_name, save_spectrograms
 from tta.utils.weights import atomic_save, load_checkpoint
 
@@ -51,8 +52,9 @@ class DemoAudioCallback(L.Callback):
     ``demo_outputs(batch)`` on the first validation batch.
 
     ``demo_outputs`` returns ``{name: mel (B, n_mels, F)}`` and/or ``{name: wav (B, T)}`` (1-D
-    per item). Mels are vocoded with ``vocoder`` (``"griffinlim"``, ``"universal"`` or None for
-    PNGs only), which must share the module's mel front-end.
+    per item). Mels are vocoded with ``vocoder`` (a registered weight-free vocoder such as
+    ``"griffinlim"`` or ``"universal"``, a vocoder checkpoint, or None for PNGs only; see
+    `tta.training.vocoding.resolve_vocoder`), which must share the module's mel front-end.
     """
 
     def __init__(self, every_n_steps: int = 500, out_dir: str | None = None, vocoder: str | None = "griffinlim",
@@ -68,9 +70,7 @@ class DemoAudioCallback(L.Callback):
         if self.vocoder_name is None:
             return None
         if self._vocoder is None:
-            from tta.vocoders.factory import build_vocoder
-
-            self._vocoder = build_vocoder(self.vocoder_name, pl_module.mel_config)
+            self._vocoder = resolve_vocoder(self.vocoder_name, pl_module.mel_config)
         return self._vocoder
 
     def _out_dir(self, trainer: L.Trainer) -> Path:

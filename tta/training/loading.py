@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from torch import nn
 
 from tta.registry import load_builtin, load_plugins, resolve_config
+from tta.utils.pipeline_folder import model_state, read_pipeline_meta
 from tta.utils.weights import load_checkpoint, load_state_dict_strict
 
 
@@ -85,3 +88,11 @@ def trained_from_checkpoint(ckpt: Mapping[str, Any], source: str | os.PathLike,
             raise CheckpointConfigError(f"{source} holds no EMA weights (trained with ema_decay=None)")
         ema.copy_to(model.ema_target())
     return model.eval()
+
+
+def trained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The module state dict held by a ``tta fit`` checkpoint, or by a pipeline folder (every
+    model component; e.g. to initialise a model from an imported public one)."""
+    if Path(path).is_dir():
+        return model_state(path, read_pipeline_meta(path))
+    return load_checkpoint(path)["state_dict"]

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "PIPELINE_FILE", "component_state", "read_pipeline_meta", "resolve_relative_paths"]
+__all__ = ["FORMAT", "PIPELINE_FILE", "VOCODER", "component_state", "model_state", "read_pipeline_meta",
+           "resolve_relative_paths"]
 
 FORMAT = "tta-pipeline/1"
 PIPELINE_FILE = "pipeline.json"
+VOCODER = "vocoder"  #: the component file of the vocoder; every other one holds model weights
 
 
 def resolve_relative_paths(meta: dict[str, Any], folder: Path, source: Path | str) -> None:
@@ -52,3 +54,12 @@ def component_state(folder: str | os.PathLike, meta: dict[str, Any], name: str) 
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / meta["files"][name]))
+
+
+def model_state(folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's full state dict: every component of a pipeline folder but the vocoder."""
+    state: dict[str, torch.Tensor] = {}
+    for name in meta["files"]:
+        if name != VOCODER:
+            state.update(component_state(folder, meta, name))
+    return state

@@ -36,10 +36,15 @@ class Vocoder(nn.Module):
         mel_config: the mel front-end the vocoder was trained on, or ``None`` when unknown.
         needs_weights: whether it must be trained (or imported) before use. Registered vocoders
             with ``needs_weights = False`` are built by name from a mel config alone
-            (``cls(mel_config=...)``, `tta.vocoders.factory.build_vocoder`).
+            (``cls(mel_config=...)``, `tta.training.vocoding.resolve_vocoder`).
+        config_class: the class a stored config names (`tta.vocoders.factory.vocoder_config`), when
+            not the vocoder's own: a subclass that only fetches weights (``UniversalHiFiGAN``)
+            describes itself as its plain parent, so that a pipeline folder rebuilds it without
+            the weights' source. ``None``: the class itself.
     """
 
     needs_weights: ClassVar[bool] = True
+    config_class: ClassVar[type[Vocoder] | None] = None
     hop_length: int
     n_mels: int
     mel_config: MelConfig | None

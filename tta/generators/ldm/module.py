@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from tta.generators.conditioning import Conditioner
 from tta.generators.ldm.conditioning import ClapTextFiLM
+from tta.generators.ldm.generator import LatentAudioGenerator
 from tta.generators.ldm.model import LatentDiffusion
 from tta.generators.ldm.retrieval import RetrievalConditioner
 from tta.generators.noise import DDPMProcess, NoiseProcess
@@ -36,7 +36,7 @@ from tta.generators.vae.network import AutoencoderKL
 from tta.registry import register
 from tta.training.base import TTAModule
 from tta.training.frozen_cache import SegmentCache, segment_keys
-from tta.training.loading import load_trained_part
+from tta.training.loading import load_trained_part, trained_state
 from tta.training.schedule import adamw_with_warmup
 
 log = logging.getLogger(__name__)
@@ -205,14 +205,7 @@ class LatentDiffusionModule(TTAModule):
         """Copy a trained UNet's weights from a ``latent_diffusion`` checkpoint or a pipeline folder
         (e.g. an imported public AudioLDM); only the cross-attentions of this model's context
         conditioners (Re-AudioLDM's retrieval) may be new."""
-        from tta.utils.weights import load_checkpoint
-
-        if Path(path).is_dir():
-            from tta.utils.pipeline_folder import component_state, read_pipeline_meta
-
-            state = component_state(path, read_pipeline_meta(path), "unet")
-        else:
-            state = load_checkpoint(path)["state_dict"]
+        state = trained_state(path)
         prefix = "model.unet."
         source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not source:
@@ -319,40 +312,14 @@ class LatentDiffusionModule(TTAModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     # ------------------------------------------------------------------ sampling
-    def frames_for(self, seconds: float) -> int:
-        """Mel frames covering ``seconds`` of audio (the vocoded waveform is then cropped to it)."""
-        if not seconds > 0:
-            raise ValueError(f"duration must be positive, got {seconds}")
-        return max(1, math.ceil(round(seconds * self.mel_config.sample_rate) / self.mel_config.hop_length))
-
-    @torch.no_grad()
-    def generate_mel(self, captions: list[str], frames: int, steps: int | None = 50, sampler: str | None = None,
-                     guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
-                     noise: torch.Tensor | None = None, init_mel: torch.Tensor | None = None,
-                     strength: float = 1.0, inputs: dict[str, Any] | None = None) -> torch.Tensor:
-        """Log-mels ``(B, n_mels, frames)`` for ``captions`` (retrieval: the given neighbours, or
-        an index query with the prompts' CLAP text embeddings); ``noise``: the initial latents
-        ``(B, *codec.latent_shape(frames))`` instead of the seeded draw; ``init_mel`` ``(B, n_mels,
-        frames)`` with ``strength`` < 1: edit that audio towards the captions (AudioLDM's style
-        transfer). ``sampler`` None: the noise process's default (DDIM for DDPM, Euler for flows);
-        ``inputs``: further conditioner inputs (the keys an extra conditioner reads)."""
-        model = self.model
-        if model.retrieval is not None and neighbours is None:
-            neighbours = model.retrieval.query_neighbours(model.text.embed(captions))
-        cond = model.conditioning({**(inputs or {}), "captions": captions, "neighbours": neighbours})
-        g = torch.Generator().manual_seed(seed)
-        shape = self.codec.latent_shape(frames)
-        if noise is not None and tuple(noise.shape) != (len(captions), *shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(captions), *shape)}")
-        init = None
-        if init_mel is not None:
-            expected = (len(captions), self.mel_config.n_mels, frames)
-            if tuple(init_mel.shape) != expected:
-                raise ValueError(f"init_mel has shape {tuple(init_mel.shape)}, expected {expected}")
-            init = self.codec.encode(init_mel.to(self.device, torch.float32), sample=False)
-        z = model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise,
-                         init=init, strength=strength)
-        return self.codec.decode(z.to(next(self.codec.parameters()).dtype), frames)
+    @property
+    def generator(self) -> LatentAudioGenerator:
+        """The pure inference model over this module's front-end, codec and diffusion model (the
+        same submodules: training moves it); it owns the sampling API (``generate_mel``)."""
+        gen = self.__dict__.get("_generator")
+        if gen is None:  # not a submodule: its weights are this module's own
+            gen = self.__dict__["_generator"] = LatentAudioGenerator(self.frontend, self.codec, self.model)
+        return gen
 
     @torch.no_grad()
     def generate_for_eval(self, captions: list[str], ids: list[str], seconds: float) -> torch.Tensor:
@@ -361,12 +328,10 @@ class LatentDiffusionModule(TTAModule):
 
         if self.__dict__["_eval_vocoder"] is None:
             self.__dict__["_eval_vocoder"] = vocoder_spec(self.eval_vocoder, self.mel_config)[0]
-        neighbours = None
-        if self.model.retrieval is not None:
-            neighbours = self.model.retrieval.query_neighbours(self.model.text.embed(captions),
-                                                               exclude=[{i} for i in ids])
-        mel = self.generate_mel(list(captions), self.frames_for(seconds), steps=self.eval_steps,
-                                sampler=self.model.process.fast_sampler, neighbours=neighbours, inputs={"id": list(ids)})
+        gen = self.generator
+        neighbours = gen.query_neighbours(captions, exclude=[{i} for i in ids])
+        mel = gen.generate_mel(list(captions), gen.frames_for(seconds), steps=self.eval_steps,
+                               sampler=self.model.process.fast_sampler, neighbours=neighbours, inputs={"id": list(ids)})
         vocoder = self.__dict__["_eval_vocoder"].to(mel.device)
         return vocoder(mel).float()[..., : round(seconds * self.mel_config.sample_rate)]
 
@@ -374,6 +339,6 @@ class LatentDiffusionModule(TTAModule):
         """For the demo callback: the real mels and generations for their captions."""
         frames = batch["mel"].shape[-1]
         ids = batch["id"]
-        gen = self.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids),
-                                inputs=batch)
+        gen = self.generator.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids),
+                                          inputs=batch)
         return {"input": batch["mel"], "generated": gen}
