@@ -120,14 +120,15 @@ def roberta_tokenizer() -> Any:
     )
 
 
-def make_gpt2_folder(folder: Path, seed: int = 0) -> Path:
-    """Tiny GPT2 (2 layers, width 32) saved as ``GPT2LMHeadModel``; tokenizer without pad token."""
+def make_gpt2_folder(folder: Path, seed: int = 0, n_positions: int = 64) -> Path:
+    """Tiny GPT2 (2 layers, width 32, ``n_positions`` positions; GPT2's own: 1024) saved as
+    ``GPT2LMHeadModel``; tokenizer without pad token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _fast(bytelevel_bpe_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=WIDTH, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        vocab_size=len(tok), n_positions=n_positions, n_embd=WIDTH, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -156,18 +157,20 @@ def make_bert_folder(folder: Path, family: str = "bert", seed: int = 0) -> Path:
     return folder
 
 
-def make_t5_folder(folder: Path, seed: int = 0) -> Path:
-    """Tiny T5 (gated-GELU like Flan-T5, 2 layers, width 32) saved as ``T5ForConditionalGeneration``."""
+def make_t5_folder(folder: Path, seed: int = 0, d_model: int = WIDTH, num_layers: int = 2) -> Path:
+    """Tiny T5 (gated-GELU like Flan-T5; 2 layers, width 32 unless given) saved as
+    ``T5ForConditionalGeneration``. ``d_model`` is the width of its embeddings: give a real model's
+    (Flan-T5-large: 1024) where a config declares it; depth and the MLP stay tiny."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     tok = unigram_tokenizer()
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(tok),
-        d_model=WIDTH,
+        d_model=d_model,
         d_kv=8,
         d_ff=64,
-        num_layers=2,
+        num_layers=num_layers,
         num_heads=2,
         feed_forward_proj="gated-gelu",
         pad_token_id=0,

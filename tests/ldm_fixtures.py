@@ -20,7 +20,7 @@ def tiny_vae_config() -> dict[str, Any]:
                           "embed_dim": 4}}
 
 
-def tiny_clap_config(bert: Path) -> dict[str, Any]:
+def tiny_clap_config(bert: Path, joint_dim: int = CLAP_DIM) -> dict[str, Any]:
     audio = {"class_path": "tta.encoders.htsat.HTSAT",
              "init_args": {"dim": 32, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4,
                            "spec_frames": 64, "freq_ratio": 4, "drop_path": 0.0, "window_seconds": 1.0,
@@ -28,7 +28,7 @@ def tiny_clap_config(bert: Path) -> dict[str, Any]:
     text = {"class_path": "tta.encoders.text.BertTextEncoder",
             "init_args": {"path": str(bert), "max_length": 16, "trainable": False}}
     return {"class_path": "tta.encoders.clap.network.CLAP",
-            "init_args": {"audio_encoder": audio, "text_encoder": text, "joint_dim": CLAP_DIM, "dropout": 0.0}}
+            "init_args": {"audio_encoder": audio, "text_encoder": text, "joint_dim": joint_dim, "dropout": 0.0}}
 
 
 def tiny_unet_config(retrieval: bool = False) -> dict[str, Any]:
@@ -46,9 +46,10 @@ def build(config: dict[str, Any]) -> Any:
     return build_network(config)
 
 
-def make_store_and_table(ids: list[str], out: Path, k: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """A feature store with random audio (3 x 12) and text (5 x 10) features per clip, and a
-    neighbour table whose neighbours of clip i are the next k clips (never i itself)."""
+def make_store_and_table(ids: list[str], out: Path, k: int = 4, seed: int = 0, audio_dim: int = 12,
+                         text_dim: int = 10) -> tuple[Path, Path]:
+    """A feature store with random audio (3 x ``audio_dim``) and text (5 x ``text_dim``) features per
+    clip, and a neighbour table whose neighbours of clip i are the next k clips (never i itself)."""
     from tta.retrieval.features import FeatureStore
     from tta.retrieval.neighbours import NeighbourTable
 
@@ -56,8 +57,8 @@ def make_store_and_table(ids: list[str], out: Path, k: int = 4, seed: int = 0) -
     n = len(ids)
     text_mask = torch.ones(n, 5, dtype=torch.bool)
     text_mask[:, 3:] = False
-    FeatureStore.write(out / "features", ids, audio=torch.randn(n, 3, 12, generator=g),
-                       audio_mask=torch.ones(n, 3, dtype=torch.bool), text=torch.randn(n, 5, 10, generator=g),
+    FeatureStore.write(out / "features", ids, audio=torch.randn(n, 3, audio_dim, generator=g),
+                       audio_mask=torch.ones(n, 3, dtype=torch.bool), text=torch.randn(n, 5, text_dim, generator=g),
                        text_mask=text_mask)
     positions = np.array([[(i + j) % n for j in range(1, k + 1)] for i in range(n)], dtype=np.int64)
     scores = np.linspace(1, 0, k, dtype=np.float32)[None].repeat(n, 0)
@@ -78,13 +79,14 @@ def write_checkpoint(module: Any, model_config: dict[str, Any], path: Path) -> P
     return path
 
 
-def component_checkpoints(root: Path, mel: str = "audioldm") -> tuple[Path, Path]:
-    """Tiny `vae` (8 latent channels, on ``mel``) and `clap_trainer` checkpoints with stored configs."""
+def component_checkpoints(root: Path, mel: str = "audioldm", joint_dim: int = CLAP_DIM) -> tuple[Path, Path]:
+    """Tiny `vae` (8 latent channels, on ``mel``) and `clap_trainer` (joint width ``joint_dim``)
+    checkpoints with stored configs."""
     vae_net = tiny_vae_config()
     vae_net["init_args"].update(z_channels=8, embed_dim=8)
     vae_cfg = {"class_path": "tta.generators.vae.module.VAEModule", "init_args": {"autoencoder": vae_net, "mel": mel}}
     clap_cfg = {"class_path": "tta.encoders.clap.module.CLAPModule",
-                "init_args": {"clap": tiny_clap_config(make_bert_folder(root / "bert")), "mel": "demo"}}
+                "init_args": {"clap": tiny_clap_config(make_bert_folder(root / "bert"), joint_dim), "mel": "demo"}}
     paths = []
     for name, cfg in (("vae", vae_cfg), ("clap", clap_cfg)):
         paths.append(write_checkpoint(build_module(cfg), cfg, root / f"{name}.ckpt"))

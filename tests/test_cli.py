@@ -55,24 +55,33 @@ LOCAL_WEIGHTS = {"clap.yaml": ("--model.init_args.clap.init_args.text_encoder.in
                  "retrieval_features.yaml": ("--model.init_args.text_encoder.init_args.path", "t5")}
 
 
-def ldm_overrides(path: Path, tmp_path: Path, ids: list[str] | None = None) -> list[str]:
-    """CLI overrides pointing an (Re-)AudioLDM config at tiny VAE / CLAP checkpoints and, for
-    Re-AudioLDM, a feature store and neighbour table over ``ids`` (default: 12 made-up clips)."""
-    import yaml
-
-    from tests.ldm_fixtures import CLAP_DIM, component_checkpoints, make_store_and_table
-
+def ldm_widths(path: Path) -> dict[str, int]:
+    """The interface widths an (Re-)AudioLDM config declares: ``film`` (its CLAP's joint width) and,
+    with retrieval, the stored ``audio`` / ``text`` feature widths."""
     model = yaml.safe_load(path.read_text())["model"]["init_args"]
-    vae, clap = component_checkpoints(tmp_path, mel=model["mel"])
-    out = [f"--model.init_args.vae_checkpoint={vae}", f"--model.init_args.clap_checkpoint={clap}",
-           f"--model.init_args.unet.init_args.film_dim={CLAP_DIM}"]
+    widths = {"film": model["unet"]["init_args"]["film_dim"]}
     if model.get("retrieval"):
-        features, index = make_store_and_table(ids or [f"c{i}" for i in range(12)], tmp_path, k=10)
         retrieval = model["retrieval"]["init_args"]
         assert retrieval["audio_dim"] and retrieval["text_dim"], "paper configs give the feature widths"
+        widths.update(audio=retrieval["audio_dim"], text=retrieval["text_dim"])
+    return widths
+
+
+def ldm_overrides(path: Path, tmp_path: Path, ids: list[str] | None = None) -> list[str]:
+    """CLI overrides pointing an (Re-)AudioLDM config at tiny VAE / CLAP checkpoints and, for
+    Re-AudioLDM, a feature store and neighbour table over ``ids`` (default: 12 made-up clips).
+    The stand-ins have the widths the config declares (`ldm_widths`); no width is overridden
+    (tests/test_recipes.py chains the real producers)."""
+    from tests.ldm_fixtures import component_checkpoints, make_store_and_table
+
+    model, widths = yaml.safe_load(path.read_text())["model"]["init_args"], ldm_widths(path)
+    vae, clap = component_checkpoints(tmp_path, mel=model["mel"], joint_dim=widths["film"])
+    out = [f"--model.init_args.vae_checkpoint={vae}", f"--model.init_args.clap_checkpoint={clap}"]
+    if model.get("retrieval"):
+        features, index = make_store_and_table(ids or [f"c{i}" for i in range(12)], tmp_path, k=10,
+                                               audio_dim=widths["audio"], text_dim=widths["text"])
         out += [f"--model.init_args.retrieval.init_args.features={features}",
-                f"--model.init_args.retrieval.init_args.index={index}",
-                "--model.init_args.retrieval.init_args.audio_dim=12", "--model.init_args.retrieval.init_args.text_dim=10"]
+                f"--model.init_args.retrieval.init_args.index={index}"]
     if model.get("init_from"):  # the recipe chain: the plain config of the same directory trains the start point
         import torch
 
@@ -109,9 +118,9 @@ def test_every_config_instantiates(path: Path, tmp_path: Path) -> None:
 
 def test_config_stored_in_checkpoint(tiny_synth: Path, tmp_path: Path) -> None:
     args = ["fit", "--config", str(CONFIGS / "demo" / "vae.yaml"), f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=1", "--trainer.limit_val_batches=1", 
-            '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
-            '"init_args": {"every_n_train_steps": 1}}]',
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+            ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+             '"init_args": {"every_n_train_steps": 1}}]'),
             "--trainer.enable_progress_bar=false", f"--data.init_args.manifest={tiny_synth}",
             "--data.init_args.batch_size=2", "--data.init_args.segment_seconds=0.5",
             "--model.init_args.autoencoder.init_args.ch=8"]

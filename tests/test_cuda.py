@@ -88,15 +88,15 @@ def test_audioldm_trains_on_clap_audio_embeddings_in_bf16(tiny_synth: Path, tmp_
 def re_audioldm_ckpt(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Re-AudioLDM (tiny frozen VAE / CLAP, a feature store over the manifest's clips) trained in
     bf16-mixed on ``ACCEL``."""
-    from tests.ldm_fixtures import CLAP_DIM
-    from tests.test_cli import ldm_overrides
+    from tests.test_cli import ldm_overrides, ldm_widths
     from tta.retrieval.index import IndexSpec, build_index
 
     root = tmp_path_factory.mktemp("re_audioldm")
     ids = _manifest_ids(tiny_synth)
     overrides = ldm_overrides(CONFIGS / "demo" / "re_audioldm.yaml", root, ids=ids)
     # the test-time index that generation (eval callback, `tta generate`) queries with CLAP text embeddings
-    unit = torch.randn(len(ids), CLAP_DIM, generator=torch.Generator().manual_seed(0))
+    joint = ldm_widths(CONFIGS / "demo" / "re_audioldm.yaml")["film"]
+    unit = torch.randn(len(ids), joint, generator=torch.Generator().manual_seed(0))
     build_index(torch.nn.functional.normalize(unit, dim=-1).numpy(), ids, IndexSpec(type="flat")).save(root / "index")
     # the eval_metrics callback: generate_for_eval (DPM-Solver++) and CLAP score / PSNR on the device
     scores = {"class_path": "eval_metrics",

@@ -1,4 +1,5 @@
-"""`tta fit` -> `tta pipeline export` -> `tta generate` / `load_pipeline` on a tiny AudioLDM."""
+"""`tta fit` -> `tta pipeline export` -> `tta generate` / `load_pipeline` on a tiny AudioLDM (the
+`trained_ckpt` fixture of conftest)."""
 
 from __future__ import annotations
 
@@ -7,35 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.hf_fixtures import make_bert_folder
-from tests.ldm_fixtures import tiny_clap_config, tiny_unet_config, tiny_vae_config
 from tta.cli import main
 from tta.pipelines.guard import BrokenOutputError, check_output
-
-
-@pytest.fixture(scope="module")
-def trained_ckpt(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ldm")
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 1,
-                    "val_check_interval": 2, "check_val_every_n_epoch": None, "logger": False,
-                    "enable_progress_bar": False, "default_root_dir": str(root),
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]},
-        "model": {"class_path": "latent_diffusion",
-                  "init_args": {"unet": tiny_unet_config(), "vae": tiny_vae_config(), "scale_factor": 1.0,
-                                "clap": tiny_clap_config(make_bert_folder(root / "bert")), "mel": "demo",
-                                "ema_decay": 0.99}},
-        "data": {"class_path": "audio", "init_args": {"manifest": str(tiny_synth), "mel": "demo",
-                                                       "segment_seconds": 0.75, "batch_size": 4}},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", str(path)]) == 0
-    return root / "ckpt" / "last.ckpt"
 
 
 def test_export_generate_and_python_api(trained_ckpt: Path, tmp_path: Path, single_thread: None) -> None:

@@ -72,8 +72,12 @@ def test_generate_crops_guards_and_saves(tmp_path: Path) -> None:
         pipe.generate(["a"], duration=0.3, candidates=2)
     with pytest.raises(ValueError, match="non-empty strings"):
         pipe.generate([" "], duration=0.3)
+    with pytest.raises(ValueError, match="2 seeds given for 1 prompts"):
+        pipe.generate(["a"], duration=0.3, seed=[1, 2])
     rows = pipe.save(gen, tmp_path, ["x0", "x1"], {"seed": 2})
     assert [r["id"] for r in rows] == ["x0", "x1"] and rows[1]["captions"] == ["b"]
+    named = pipe.save(gen, tmp_path, ["dir/a", "dir/b"], {}, stems=["dir_a", "dir_b"])
+    assert named[0]["id"] == "dir/a" and named[0]["audio"] == "dir_a.wav" and (tmp_path / "dir_b.png").is_file()
     assert rows[0]["generation"]["seed"] == 2 and rows[0]["generation"]["loud"] is True
     assert all((tmp_path / f"x{i}.wav").is_file() and (tmp_path / f"x{i}.png").is_file() for i in range(2))
     json.dumps(rows)  # manifest rows are plain JSON

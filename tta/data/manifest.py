@@ -22,7 +22,8 @@ from typing import Any
 
 from tta.utils.files import atomic_path
 
-__all__ = ["FIELDS", "ManifestError", "ManifestItem", "filter_split", "read_manifest", "write_manifest"]
+__all__ = ["FIELDS", "ManifestError", "ManifestItem", "filter_split", "read_manifest", "select_split",
+           "write_manifest"]
 
 FIELDS = ("id", "audio", "captions", "labels", "duration", "sample_rate", "split")
 
@@ -185,3 +186,14 @@ def filter_split(items: Iterable[ManifestItem], split: str | Iterable[str]) -> l
     """Items whose ``split`` equals ``split`` (or is one of several given splits)."""
     wanted = {split} if isinstance(split, str) else set(split)
     return [item for item in items if item.split in wanted]
+
+
+def select_split(items: list[ManifestItem], split: str | None, path: str | os.PathLike) -> list[ManifestItem]:
+    """The items of the manifest at ``path`` in ``split`` (every item for None); `ManifestError`
+    naming the manifest and the splits it has when none is left."""
+    chosen = items if split is None else filter_split(items, split)
+    if not chosen:
+        have = ", ".join(sorted({str(item.split) for item in items})) or "none: the manifest is empty"
+        wanted = "no items" if split is None else f"no items of split {split!r}"
+        raise ManifestError(path, None, f"{wanted} (its splits: {have})", None if split is None else "split")
+    return chosen

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tta.data.audio import AudioLoadError, load_audio, pad_or_crop, resample
-from tta.data.manifest import ManifestItem, read_manifest
+from tta.data.manifest import ManifestItem, read_manifest, select_split
 from tta.metrics.pairing import IdMismatchError
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,12 @@ class Clip:
 
 
 def load_clips(
-    source: str | os.PathLike | Sequence[Clip] | Sequence[ManifestItem], what: str
+    source: str | os.PathLike | Sequence[Clip] | Sequence[ManifestItem], what: str, split: str | None = None
 ) -> list[Clip]:
-    """Clips of a manifest (``.jsonl``), a folder of audio, or a list of `Clip`/`ManifestItem`."""
+    """Clips of a manifest (``.jsonl``; with ``split``, only that split's items), a folder of audio,
+    or a list of `Clip`/`ManifestItem`."""
+    if split is not None and not (isinstance(source, (str, os.PathLike)) and Path(source).is_file()):
+        raise ValueError(f"{what}: a split ({split!r}) can only be selected from a manifest, not from {source}")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -64,7 +67,7 @@ def load_clips(
                 )
             clips = [Clip.from_item(i) for i in result.items]
         elif path.is_file():
-            clips = [Clip.from_item(i) for i in read_manifest(path)]
+            clips = [Clip.from_item(i) for i in select_split(read_manifest(path), split, path)]
         else:
             raise FileNotFoundError(
                 f"{what}: {path} is neither a manifest nor a folder of audio"

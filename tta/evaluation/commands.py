@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="manifest (.jsonl) or folder of reference audio",
     )
     p.add_argument(
+        "--reference-split",
+        default=None,
+        help="only the items of this split of the reference manifest (e.g. test)",
+    )
+    p.add_argument(
         "--out",
         required=True,
         type=Path,
@@ -116,6 +121,7 @@ def main(argv: list[str]) -> int:
         protocol_extra=extra, train_manifest=args.train_manifest, seconds=args.seconds,
         batch_size=args.batch_size, silence_threshold=args.silence_threshold,
         fail_on_silent=args.fail_on_silent, fad_inf=args.fad_inf, cache_reference=not args.no_cache,
+        reference_split=args.reference_split,
     )  # fmt: skip
     log.info("metrics: %s", json.dumps(report["metrics"], sort_keys=True))
     return 0

@@ -265,13 +265,15 @@ def evaluate(
     out_dir: str | os.PathLike | None = None, protocol_extra: dict[str, Any] | None = None, *,
     train_manifest: str | os.PathLike | None = None, seconds: float | None = None, batch_size: int = 16,
     silence_threshold: float = 1e-4, fail_on_silent: bool = False, fad_inf: bool = False,
-    cache_reference: bool = True, is_splits: int = 10, n_examples: int = 3,
+    cache_reference: bool = True, is_splits: int = 10, n_examples: int = 3, reference_split: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Score ``generated`` against ``reference`` and return the report dict (see docs/evaluation.md).
 
     ``generated``/``reference``: a manifest, a folder of audio or a list of `Clip`. ``embedder``
     defaults to YAMNet for FAD/KL/IS; ``clap`` (a `CLAP` network) is needed for ``clap`` and
-    ``clap_a``. ``seconds`` pads/crops every clip (None: native lengths). With ``out_dir`` writes
+    ``clap_a``. ``reference_split``: only that split of a reference manifest (e.g. ``test``, to
+    pair with `tta generate --manifest --split test`). ``seconds`` pads/crops every clip (None:
+    native lengths). With ``out_dir`` writes
     ``eval.json``, ``eval.md`` and PNG plots. Silent/non-finite generated clips are flagged and left
     out; ``fail_on_silent`` raises `SilentGenerationError` instead.
     """
@@ -295,7 +297,7 @@ def evaluate(
             f"metrics {sorted(set(wanted) & NEEDS_CLAP)} need a CLAP model (--clap CHECKPOINT)"
         )
     gen = load_clips(generated, "generated")
-    ref = load_clips(reference, "reference")
+    ref = load_clips(reference, "reference", reference_split)
     if set(wanted) & PAIRED:
         check_pairing(gen, ref)
     ref_by_id = {c.id: c for c in ref}
@@ -396,6 +398,7 @@ def evaluate(
             else "native length, no padding",
             "n_generated": len(gen),
             "n_reference": len(ref),
+            "reference_split": reference_split,
             "n_scored": len(gen) - len(silence.flagged),
             "reference_stats_cached": ref_stats is not None,
             "kl": "KL(p_reference || q_generated), paired by id; kl_softmax and kl_sigmoid (MMKL)",

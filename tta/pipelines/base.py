@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,10 +84,12 @@ class Pipeline:
         self.rerank_clap = None if rerank_clap is None else rerank_clap.eval()
 
     # ------------------------------------------------------------ system hooks
-    def sample(self, prompts: list[str], frames: int, *, steps: int, sampler: str, guidance: float, seed: int,
-               candidates: int, duration: float, **inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    def sample(self, prompts: list[str], frames: int, *, steps: int, sampler: str, guidance: float,
+               seed: int | list[int], candidates: int, duration: float,
+               **inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """Log-mels ``(len(prompts) * candidates, n_mels, frames)`` (each prompt's candidates
-        adjacent) and extras: ``neighbours`` (one list per prompt) and ``settings`` to record."""
+        adjacent) and extras: ``neighbours`` (one list per prompt) and ``settings`` to record.
+        ``seed``: the batch's, or one per prompt (each prompt's clips then drawn from its own)."""
         raise NotImplementedError
 
     def default_rerank_clap(self) -> nn.Module | None:
@@ -129,13 +132,18 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], duration: float = 10.24, steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, sampler: str | None = None,
+                 guidance: float | None = None, seed: int | Sequence[int] = 0, sampler: str | None = None,
                  candidates: int | None = None, allow_silent: bool = False, **inputs: Any) -> Generation:
         """One clip per prompt (the best of ``candidates`` by CLAP text-audio score); ``inputs``:
-        the system's further arguments (see its `sample`)."""
+        the system's further arguments (see its `sample`). ``seed``: one for the batch, or one per
+        prompt (a list), which makes each clip independent of the batch it is generated in."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError(f"prompts must be non-empty strings, got {prompts!r}")
+        if not isinstance(seed, int):
+            seed = [int(s) for s in seed]
+            if len(seed) != len(prompts):
+                raise ValueError(f"seed: {len(seed)} seeds given for {len(prompts)} prompts (one per prompt)")
         d = self.defaults
         steps, guidance = int(steps or d["steps"]), float(guidance if guidance is not None else d["guidance"])
         sampler, n = sampler or d["sampler"], int(candidates or d["candidates"])
@@ -178,18 +186,20 @@ class Pipeline:
         rows = torch.arange(len(prompts)) * n + best
         return wav[rows.to(wav.device)], mel[rows.to(mel.device)], sims.max(dim=1).values.tolist()
 
-    def save(self, gen: Generation, out: Path, ids: list[str], record: dict[str, Any]) -> list[dict[str, Any]]:
-        """Write ``<id>.wav`` and ``<id>.png`` per clip into ``out``; the manifest rows (``record``
-        over the generation's settings, plus neighbours and CLAP score, under ``generation``)."""
+    def save(self, gen: Generation, out: Path, ids: list[str], record: dict[str, Any],
+             stems: list[str] | None = None) -> list[dict[str, Any]]:
+        """Write ``<stem>.wav`` and ``<stem>.png`` per clip into ``out`` (``stems``: file names,
+        default the ids); the manifest rows (``record`` over the generation's settings, plus
+        neighbours and CLAP score, under ``generation``)."""
         from tta.data.audio import save_audio
         from tta.utils.plots import save_spectrograms
 
         rows = []
-        for j, (clip_id, prompt) in enumerate(zip(ids, gen.prompts, strict=True)):
-            save_audio(out / f"{clip_id}.wav", gen.wav[j], gen.sample_rate)
-            save_spectrograms(out / f"{clip_id}.png", {prompt: gen.mel[j]}, self.mel_config)
+        for j, (clip_id, stem, prompt) in enumerate(zip(ids, stems or ids, gen.prompts, strict=True)):
+            save_audio(out / f"{stem}.wav", gen.wav[j], gen.sample_rate)
+            save_spectrograms(out / f"{stem}.png", {prompt: gen.mel[j]}, self.mel_config)
             rows.append({
-                "id": clip_id, "audio": f"{clip_id}.wav", "captions": [prompt], "split": "generated",
+                "id": clip_id, "audio": f"{stem}.wav", "captions": [prompt], "split": "generated",
                 "duration": gen.wav.shape[-1] / gen.sample_rate, "sample_rate": gen.sample_rate,
                 "generation": {**gen.settings, **record,
                                "neighbours": None if gen.neighbours is None else gen.neighbours[j],

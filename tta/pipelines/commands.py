@@ -1,11 +1,14 @@
-"""``tta generate`` (prompts -> WAV + spectrogram PNG + a manifest), ``tta pipeline export`` and
-``tta pipeline import-audioldm``."""
+"""``tta generate`` (prompts, or the captions of a manifest's items -> WAV + spectrogram PNG + a
+manifest), ``tta pipeline export`` and ``tta pipeline import-audioldm``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +18,24 @@ log = logging.getLogger(__name__)
 
 #: every sampler of tta's noise processes (a pipeline refuses the ones its process lacks)
 SAMPLER_CHOICES = DDPMProcess.samplers + RectifiedFlow.samplers
+#: seconds per clip when neither ``--duration`` nor the manifest item gives one
+DEFAULT_DURATION = 10.24
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tta generate", description="Text-to-audio generation.")
-    p.add_argument("prompt", nargs="*", help="one or more prompts (or --prompts FILE)")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (or --prompts FILE, or --manifest FILE)")
     p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--manifest", type=Path,
+                   help="generate one clip per item of this JSONL manifest, named by its id (for `tta eval`)")
+    p.add_argument("--split", help="with --manifest: only the items of this split (default: every item)")
+    p.add_argument("--caption-index", type=int,
+                   help="with --manifest: which caption of each item is the prompt (default 0, the first)")
     p.add_argument("--pipeline", required=True, type=Path, help="a pipeline folder or a latent_diffusion checkpoint")
     p.add_argument("--vocoder", help="universal | griffinlim | a vocoder checkpoint (default: the pipeline's)")
-    p.add_argument("--duration", type=float, default=10.24, help="seconds per clip")
+    p.add_argument("--duration", type=float,
+                   help=f"seconds per clip (default {DEFAULT_DURATION}; with --manifest each item's own duration, "
+                        f"where it has one)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES,
@@ -32,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-clap", type=Path,
                    help="a clap_trainer checkpoint whose CLAP scores the candidates (default: the pipeline's; "
                         "imported public AudioLDM pipelines hold only CLAP's text tower)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="clip i's seed is SEED + i (--manifest: SEED + crc32(item id)), whatever the batch")
     p.add_argument("--init-audio", type=Path,
                    help="style transfer (AudioLDM): re-generate this audio file towards each prompt")
     p.add_argument("--strength", type=float, default=None,
@@ -45,6 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class Job:
+    """One clip to generate: its manifest id, file stem, prompt, seed and duration, and what its
+    manifest row adds (``fields`` at the top, ``record`` under ``generation``)."""
+
+    id: str
+    stem: str
+    prompt: str
+    seed: int
+    duration: float
+    fields: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """Prompts from the command line and/or a file (blank lines and ``#`` comments skipped)."""
     prompts = list(args.prompt)
@@ -54,16 +81,72 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         lines = args.prompts.read_text(encoding="utf-8").splitlines()
         prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError("no prompts: give them as arguments or with --prompts FILE")
+        raise ValueError("no prompts: give them as arguments, with --prompts FILE or with --manifest FILE")
     return prompts
 
 
-def generate(args: argparse.Namespace) -> int:
-    """Generate every prompt in batches; write WAVs, PNGs and ``generations.jsonl``."""
-    from tta.pipelines.base import load_pipeline
+def prompt_jobs(args: argparse.Namespace) -> list[Job]:
+    """The clips of the prompts: ids ``<index>_<prompt>``, clip i seeded ``seed + i``."""
     from tta.utils.plots import safe_name
 
-    prompts = read_prompts(args)
+    duration = DEFAULT_DURATION if args.duration is None else args.duration
+    jobs = []
+    for i, prompt in enumerate(read_prompts(args)):
+        clip_id = f"{i:04d}_{safe_name(prompt)[:48]}"
+        jobs.append(Job(clip_id, clip_id, prompt, args.seed + i, duration))
+    return jobs
+
+
+def manifest_jobs(args: argparse.Namespace) -> list[Job]:
+    """One clip per item of ``--manifest`` (of ``--split``): its caption ``--caption-index``,
+    its id, file stem ``safe_name(id)``, seed ``seed + crc32(id)``, its duration unless
+    ``--duration`` is given, and its labels."""
+    from tta.data.manifest import ManifestError, read_manifest, select_split
+    from tta.utils.plots import safe_name
+
+    if args.prompt or args.prompts is not None:
+        raise ValueError("--manifest takes the prompts from the manifest: give no prompts and no --prompts")
+    k = 0 if args.caption_index is None else args.caption_index
+    if k < 0:
+        raise ValueError(f"--caption-index must be >= 0, got {k}")
+    items = select_split(read_manifest(args.manifest), args.split, args.manifest)
+    jobs, stems = [], {}
+    for item in items:
+        if len(item.captions) <= k:
+            raise ManifestError(args.manifest, None, f"item {item.id!r} has no caption {k} "
+                                f"(it has {len(item.captions)})", "captions")
+        stem = safe_name(item.id)
+        if stem in stems:
+            raise ManifestError(args.manifest, None, f"items {stems[stem]!r} and {item.id!r} both make the file "
+                                f"name {stem}.wav", "id")
+        stems[stem] = item.id
+        duration = args.duration if args.duration is not None else item.duration or DEFAULT_DURATION
+        jobs.append(Job(item.id, stem, item.captions[k], args.seed + zlib.crc32(item.id.encode("utf-8")), duration,
+                        {"labels": list(item.labels)},
+                        {"source_manifest": str(args.manifest), "split": args.split, "caption_index": k}))
+    return jobs
+
+
+def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    """Batches of at most ``size`` clips of one duration each (in order of first appearance)."""
+    if size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {size}")
+    by_duration: dict[float, list[Job]] = {}
+    for job in jobs:
+        by_duration.setdefault(job.duration, []).append(job)
+    for group in by_duration.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Generate every prompt (or manifest item) in batches; write WAVs, PNGs and ``generations.jsonl``
+    (rows in prompt / manifest order)."""
+    from tta.pipelines.base import load_pipeline
+
+    if args.manifest is None and (args.split is not None or args.caption_index is not None):
+        raise ValueError("--split and --caption-index select manifest items: they need --manifest")
+    jobs = prompt_jobs(args) if args.manifest is None else manifest_jobs(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
     if args.rerank_clap is not None:
         from tta.encoders.clap_towers import load_clap_network
@@ -71,21 +154,23 @@ def generate(args: argparse.Namespace) -> int:
         pipe.rerank_clap = load_clap_network(args.rerank_clap).to(args.device)
     inputs = _system_inputs(args, pipe)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        gen = pipe.generate(batch, duration=args.duration, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed + start, sampler=args.sampler, candidates=args.candidates,
-                            allow_silent=args.allow_silent, **inputs)
-        ids = [f"{start + j:04d}_{safe_name(prompt)[:48]}" for j, prompt in enumerate(batch)]
-        rows += pipe.save(gen, args.out, ids, {
-            "pipeline": str(args.pipeline), "seed": args.seed + start,
-            "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
-            "init_audio": None if args.init_audio is None else str(args.init_audio),
-        })
-        log.info("generated %d/%d clips", min(start + args.batch_size, len(prompts)), len(prompts))
+    record = {"pipeline": str(args.pipeline),
+              "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
+              "init_audio": None if args.init_audio is None else str(args.init_audio)}
+    rows: dict[str, dict[str, Any]] = {}
+    for batch in batches(jobs, args.batch_size):
+        gen = pipe.generate([job.prompt for job in batch], duration=batch[0].duration, steps=args.steps,
+                            guidance=args.guidance, seed=[job.seed for job in batch], sampler=args.sampler,
+                            candidates=args.candidates, allow_silent=args.allow_silent, **inputs)
+        saved = pipe.save(gen, args.out, [job.id for job in batch], record, stems=[job.stem for job in batch])
+        for job, row in zip(batch, saved, strict=True):
+            row.update(job.fields)
+            row["generation"].update(seed=job.seed, **job.record)
+            rows[job.id] = row
+        log.info("generated %d/%d clips", len(rows), len(jobs))
     manifest = args.out / "generations.jsonl"
-    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    manifest.write_text("".join(json.dumps(rows[job.id], ensure_ascii=False) + "\n" for job in jobs),
+                        encoding="utf-8")
     log.info("wrote %d clips and %s", len(rows), manifest)
     return 0
 

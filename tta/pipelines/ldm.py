@@ -54,11 +54,14 @@ class TextToAudioPipeline(Pipeline):
     module_kind = "latent_diffusion"
     generator: LatentAudioGenerator
 
-    def sample(self, prompts: list[str], frames: int, *, steps: int, sampler: str, guidance: float, seed: int,
-               candidates: int, duration: float, noise: torch.Tensor | None = None,
+    def sample(self, prompts: list[str], frames: int, *, steps: int, sampler: str, guidance: float,
+               seed: int | list[int], candidates: int, duration: float, noise: torch.Tensor | None = None,
                init_audio: torch.Tensor | None = None, strength: float = 1.0,
                conditioner_inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         gen, n = self.generator, candidates
+        if isinstance(seed, list):
+            noise = self.seeded_noise(seed, n, frames) if noise is None else noise
+            seed = seed[0]  # only the stochastic ddpm sampler's step noise still comes from the batch's seed
         neighbours = gen.query_neighbours(prompts)
         expanded = [p for p in prompts for _ in range(n)]
         expanded_nb = None if neighbours is None else [nb for nb in neighbours for _ in range(n)]
@@ -67,6 +70,12 @@ class TextToAudioPipeline(Pipeline):
                                neighbours=expanded_nb, noise=noise, init_mel=init_mel, strength=strength,
                                inputs=_per_candidate(conditioner_inputs or {}, len(prompts), n))
         return mel, {"neighbours": neighbours, "settings": {"strength": strength}}
+
+    def seeded_noise(self, seeds: list[int], candidates: int, frames: int) -> torch.Tensor:
+        """Initial latents ``(len(seeds) * candidates, *latent_shape)``: each prompt's candidates
+        drawn (CPU, float32) from its own seed, as a batch of that prompt alone would draw them."""
+        shape = (candidates, *self.generator.codec.latent_shape(frames))
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     def default_rerank_clap(self) -> nn.Module:
         return self.generator.model.text.clap
