@@ -9,7 +9,9 @@ A training step: mel -> VAE posterior sample x scale -> random timestep and nois
 conditioned on the prompt (FiLM) and, for Re-AudioLDM, the k table neighbours of the clip
 (cached features; the clip itself is never its own neighbour) -> MSE to the noise, with
 per-condition classifier-free-guidance dropout. Validation reports the same loss at fixed
-timesteps and noise, so curves are comparable across runs.
+timesteps and noise, so curves are comparable across runs; its clips retrieve from the index by
+caption, as at test time. `tta fit` refuses a datastore holding any non-training clip of the
+training manifest (`tta.retrieval.leakage`).
 
 ``init_from`` starts the UNet from a trained plain AudioLDM checkpoint (or an imported public
 one, see `tta.pipelines`): every key must match except the new retrieval cross-attention, whose
@@ -237,15 +239,33 @@ class LatentDiffusionModule(TTAModule):
         return self.model
 
     # ---------------------------------------------------------------------- steps
-    def _neighbours(self, ids: list[str]) -> list[list[str]] | None:
+    def _neighbours(self, ids: list[str], captions: list[str]) -> list[list[str]] | None:
+        """Training: each clip's neighbour-table row. Evaluation (validation, the demo callback):
+        the index's neighbours of each caption, as at test time, so a held-out clip needs no
+        table row and a datastore of the training split serves it (the clip itself excluded)."""
         retrieval = self.model.retrieval
-        return None if retrieval is None else retrieval.training_neighbours(ids)
+        if retrieval is None:
+            return None
+        if self.training:
+            return retrieval.training_neighbours(ids)
+        return self.generator.query_neighbours(list(captions), exclude=[{i} for i in ids])
+
+    def on_fit_start(self) -> None:
+        """Refuse a retrieval datastore that holds non-training clips of the training manifest."""
+        retrieval, dm = self.model.retrieval, getattr(self.trainer, "datamodule", None)
+        if retrieval is None or retrieval.index_dir is None or not hasattr(dm, "manifest_path"):
+            return
+        from tta.retrieval.leakage import check_datastore
+
+        train = check_datastore(retrieval.index.ids, dm.manifest_path(), dm.splits["train"], retrieval.index_dir)
+        log.info("retrieval datastore %s: %d clips, %d of them from the training split, none from another split",
+                 retrieval.index_dir, len(retrieval.index), train)
 
     def condition_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The conditioners' inputs of a training / validation batch: its entries (``id``,
-        ``caption``, ``mel``, ...) plus ``captions``, the table ``neighbours`` and the ``film``
-        embeddings (None: from the captions)."""
-        return {**batch, "captions": batch["caption"], "neighbours": self._neighbours(batch["id"]),
+        ``caption``, ``mel``, ...) plus ``captions``, the ``neighbours`` (see `_neighbours`) and
+        the ``film`` embeddings (None: from the captions)."""
+        return {**batch, "captions": batch["caption"], "neighbours": self._neighbours(batch["id"], batch["caption"]),
                 "film": self._film(batch)}
 
     def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -339,6 +359,7 @@ class LatentDiffusionModule(TTAModule):
         """For the demo callback: the real mels and generations for their captions."""
         frames = batch["mel"].shape[-1]
         ids = batch["id"]
-        gen = self.generator.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=self._neighbours(ids),
+        neighbours = self._neighbours(ids, batch["caption"])
+        gen = self.generator.generate_mel(list(batch["caption"]), frames, steps=25, neighbours=neighbours,
                                           inputs=batch)
         return {"input": batch["mel"], "generated": gen}
