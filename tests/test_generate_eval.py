@@ -107,10 +107,11 @@ def test_seeds_are_per_clip(generated: Path, pipe_dir: Path, tiny_synth: Path, t
     again, _ = load_audio(out / f"{first.id}.wav")
     before, _ = load_audio(generated / f"{first.id}.wav")
     # the mels agree to float rounding (~1e-5, batch and thread count change the sums' order);
-    # Griffin-Lim's iterations grow that to ~1e-3 in the waveform, another seed differs by ~1
-    assert (again - before).abs().max() < 1e-2
+    # Griffin-Lim's iterations grow that to ~1e-5 on average (a few samples to ~3e-2) in the
+    # waveform; another seed's clip differs by ~1e-1 on average
+    assert (again - before).abs().mean() < 1e-3
     other, _ = load_audio(generated / f"{second.id}.wav")
-    assert (again - other).abs().max() > 0.1
+    assert (again - other).abs().mean() > 1e-2
 
 
 def test_manifest_mode_errors(tiny_synth: Path, tmp_path: Path) -> None:

@@ -240,13 +240,13 @@ class LatentDiffusionModule(TTAModule):
 
     # ---------------------------------------------------------------------- steps
     def _neighbours(self, ids: list[str], captions: list[str]) -> list[list[str]] | None:
-        """Training: each clip's neighbour-table row. Evaluation (validation, the demo callback):
-        the index's neighbours of each caption, as at test time, so a held-out clip needs no
-        table row and a datastore of the training split serves it (the clip itself excluded)."""
+        """Training, and evaluation batches of datastore clips: each clip's neighbour-table row.
+        Other evaluation batches (validation clips): the index's neighbours of each caption, as at
+        test time, so a datastore of the training split serves them (the clip itself excluded)."""
         retrieval = self.model.retrieval
         if retrieval is None:
             return None
-        if self.training:
+        if self.training or all(i in retrieval.table for i in ids):
             return retrieval.training_neighbours(ids)
         return self.generator.query_neighbours(list(captions), exclude=[{i} for i in ids])
 
