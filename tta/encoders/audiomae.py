@@ -11,13 +11,16 @@ extraction runs the ViT over every patch.
    as in the MAE code), a learned ``[CLS]`` token with a zero position;
 3. ViT-B: 12 pre-norm blocks of width 768 with 12 heads, final LayerNorm (about 85.3 M parameters);
 4. ``seq`` = the normalised patch tokens ``(B, 512, 768)`` in time-major order (``[CLS]``
-   dropped); ``pooled`` = their mean, projected to ``out_dim`` (32, Re-AudioLDM's retrieval
-   feature) by a linear layer, or the 768-d mean itself when ``out_dim`` is None.
+   dropped); ``pooled`` = their mean, reduced to ``out_dim`` (32, Re-AudioLDM's retrieval
+   feature), or the 768-d mean itself when ``out_dim`` is None.
 
-The 32-d projection is not part of the pretrained AudioMAE: it is trained with (or fixed
-randomly for) the model that consumes it. Parameter names follow the AudioMAE / timm layout
-(``patch_embed.proj``, ``cls_token``, ``blocks.i.attn.qkv``, ``blocks.i.mlp.fc1``, ``norm``); the
-fixed ``pos_embed`` is recomputed, not stored.
+The reduction to ``out_dim`` is not part of the pretrained AudioMAE. ``reduction="group_mean"``
+(the paper config) averages ``embed_dim / out_dim`` consecutive channels: weight-free, so the
+public checkpoint alone determines the feature (`tta.encoders.audiomae_import`). ``"linear"`` is a
+learned/fixed ``proj`` layer whose weights must then come with the loaded state dict. Parameter
+names follow the AudioMAE / timm layout (``patch_embed.proj``, ``cls_token``,
+``blocks.i.attn.qkv``, ``blocks.i.mlp.fc1``, ``norm``); the fixed ``pos_embed`` is recomputed, not
+stored (the importer checks the checkpoint's copy against it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 AUDIOSET_FBANK_MEAN = -4.2677393
 AUDIOSET_FBANK_STD = 4.5689974
+REDUCTIONS = ("linear", "group_mean")
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -104,8 +108,11 @@ class AudioMAE(AudioEncoder):
     """AudioMAE ViT encoder: waveform ``(B, T)`` -> ``AudioEmbedding(pooled (B, dim), seq (B, N, embed_dim))``.
 
     Args:
-        out_dim: width of the projected clip feature (32 for Re-AudioLDM); None: no projection,
+        out_dim: width of the reduced clip feature (32 for Re-AudioLDM); None: no reduction,
             ``dim`` = ``embed_dim``.
+        reduction: how the 768-d mean becomes ``out_dim`` wide: ``"linear"`` (a ``proj`` layer,
+            part of the state dict) or ``"group_mean"`` (mean of ``embed_dim / out_dim``
+            consecutive channels; no weights).
         embed_dim, depth, num_heads, mlp_ratio: ViT size (768, 12, 12, 4: ViT-B).
         patch_size: square patch side (16).
         num_frames: fbank frames per clip (1024); None pads to a multiple of ``patch_size``
@@ -119,6 +126,7 @@ class AudioMAE(AudioEncoder):
     def __init__(
         self,
         out_dim: int | None = 32,
+        reduction: str = "linear",
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -155,7 +163,13 @@ class AudioMAE(AudioEncoder):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.proj = nn.Linear(embed_dim, out_dim) if out_dim is not None else None
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"AudioMAE.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if reduction == "group_mean" and out_dim is not None and embed_dim % out_dim:
+            raise ValueError(f"AudioMAE: reduction 'group_mean' needs out_dim ({out_dim}) to divide "
+                             f"embed_dim ({embed_dim})")
+        self.reduction = reduction
+        self.proj = nn.Linear(embed_dim, out_dim) if out_dim is not None and reduction == "linear" else None
         self.dim = int(out_dim) if out_dim is not None else self.embed_dim
         if num_frames is not None:
             pos = sincos_2d(embed_dim, num_frames // patch_size, self.freq_patches)
@@ -206,4 +220,6 @@ class AudioMAE(AudioEncoder):
         pooled = seq.mean(dim=1)
         if self.proj is not None:
             pooled = self.proj(pooled)
+        elif self.dim != self.embed_dim:  # group_mean
+            pooled = pooled.view(b, self.dim, self.embed_dim // self.dim).mean(dim=-1)
         return AudioEmbedding(pooled=pooled, seq=seq)

@@ -68,6 +68,21 @@ def describe_encoder(encoder: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def load_encoder_weights(encoder: AudioEncoder, path: str) -> None:
+    """Load ``path`` into ``encoder`` strictly; an `AudioMAE` also accepts the published
+    ``pretrained.pth`` (`tta.encoders.audiomae_import`)."""
+    from tta.encoders.audiomae import AudioMAE
+
+    if isinstance(encoder, AudioMAE):
+        from tta.encoders.audiomae_import import load_audiomae_weights
+
+        load_audiomae_weights(encoder, path)
+        return
+    from tta.utils.weights import load_checkpoint, load_state_dict_strict
+
+    load_state_dict_strict(encoder, load_checkpoint(path), source=path)
+
+
 @register("module", "retrieval_features")
 class RetrievalFeatureExtractor(TTAModule):
     """Predict-only module writing a retrieval feature store (`tta.retrieval.features`).
@@ -82,7 +97,8 @@ class RetrievalFeatureExtractor(TTAModule):
         audio_source: ``seq`` (the token sequence; falls back to ``pooled`` for encoders without
             one) or ``pooled`` (the clip vector as one token, e.g. AudioMAE's 32-d projection).
         audio_weights: a state-dict file (safetensors or torch) loaded strictly into the audio
-            encoder, for encoders whose constructor builds random weights (``audiomae``).
+            encoder, for encoders whose constructor builds random weights (``audiomae``: also the
+            published ``pretrained.pth``, decoder dropped, `tta.encoders.audiomae_import`).
         mel: the datamodule's mel preset (its sample rate is the rate of the waveforms).
         flush_rows: rows each rank buffers before writing a part file.
         overwrite: replace an existing store at ``out_dir`` (else an error before any work).
@@ -119,11 +135,7 @@ class RetrievalFeatureExtractor(TTAModule):
         if audio_weights is not None:
             if audio_encoder is None:
                 raise ValueError("audio_weights given without an audio_encoder")
-            from tta.utils.weights import load_checkpoint, load_state_dict_strict
-
-            load_state_dict_strict(
-                audio_encoder, load_checkpoint(audio_weights), source=audio_weights
-            )
+            load_encoder_weights(audio_encoder, audio_weights)
         elif getattr(type(audio_encoder), "registry_name", None) == "audiomae":
             log.warning(
                 "audiomae without audio_weights: the store holds features of a randomly initialised AudioMAE"
