@@ -244,6 +244,36 @@ def test_eval_callback_logs_metrics_and_skips_modules_that_cannot_generate(
     assert len(warnings) == 1 and skip.last == {}
 
 
+class _TestedGenerator(_Generator):
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", self.layer(batch[0]).pow(2).mean())
+
+
+def test_eval_callback_scores_the_test_split_in_tta_test(sets: dict, tmp_path: Path) -> None:
+    items = read_manifest(sets["ref"])
+    for k, item in enumerate(items):
+        item.split = "test" if k % 2 else "train"
+    split = write_manifest(items, tmp_path / "split.jsonl")
+    callback = EvalMetricsCallback(None, n_clips=2, metrics=("psnr",), embedder=tiny_embedder())
+
+    class _DataModule(L.LightningDataModule):  # the manifest in use (what the callback reads), a test loader
+        def manifest_path(self) -> Path:
+            return split
+
+        test_dataloader = _Module.train_dataloader
+
+    trainer = _trainer(tmp_path, callback)
+    trainer.test(_TestedGenerator(split), datamodule=_DataModule())
+    tested = [i.id for i in items if i.split == "test"]
+    assert [c.id for c in callback._reference("test")] == sorted(tested)  # every test clip, n_clips is validation's
+    assert {"test/psnr", "test/n_flagged", "test/loss"} <= set(trainer.callback_metrics)
+    assert callback.last["psnr"] > 20
+    with pytest.raises(ValueError, match="no manifest given"):
+        EvalMetricsCallback(None, metrics=("psnr",))._reference("test")
+    with pytest.raises(ValueError, match="n_test_clips \\(0\\) must be >= 1"):
+        EvalMetricsCallback(None, n_test_clips=0)
+
+
 def test_protocol_reads_generation_records_of_tta_generate() -> None:
     from tta.evaluation.clips import Clip
     from tta.evaluation.core import _known
