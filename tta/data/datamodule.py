@@ -58,7 +58,7 @@ class SynthSpec:
 
 
 class ClipDataset(Dataset):
-    """Clips of a manifest as ``{"id", "start", "wav", "mel", "caption", "labels"}``; indexed by
+    """Clips of a manifest as ``{"id", "start", "wav", "mel", "caption", "captions", "labels"}``; indexed by
     (index, seed). ``start`` is the crop's first mel frame in the clip, so (id, start) names the
     segment (frozen-encoder caches key on it).
 
@@ -136,7 +136,8 @@ class ClipDataset(Dataset):
             caption = item.captions[0]
         else:
             caption = item.captions[int(np.random.default_rng(seed + 1).integers(len(item.captions)))]
-        return {"id": item.id, "start": start, "wav": wav, "mel": mel, "caption": caption, "labels": list(item.labels)}
+        return {"id": item.id, "start": start, "wav": wav, "mel": mel, "caption": caption,
+                "captions": list(item.captions), "labels": list(item.labels)}
 
 
 def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -145,6 +146,7 @@ def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     out: dict[str, Any] = {"n_skipped": len(batch) - len(good), "id": [b["id"] for b in good]}
     out["start"] = [b["start"] for b in good]
     out["caption"] = [b["caption"] for b in good]
+    out["captions"] = [b["captions"] for b in good]  # every caption of the clip (retrieval / captioning protocols)
     out["labels"] = [b["labels"] for b in good]
     if good:
         out["wav"] = torch.stack([b["wav"] for b in good])
