@@ -56,3 +56,22 @@ def test_zero_shot_metrics() -> None:
     targets = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 1, 1]])
     # class 0: AP 1; class 1: clip 2 ranked first -> 1; class 2: clips 1 (0.9), 2 (0.3) ranked 1, 2 -> 1
     assert zero_shot_multilabel_map(audio, classes, targets) == pytest.approx(1.0)
+
+
+def test_caption_retrieval_uses_every_caption() -> None:
+    from tta.metrics.retrieval import caption_retrieval_metrics
+
+    audio = torch.eye(3)  # clip i points along axis i
+    # clip 0 owns captions 0 (its axis) and 1 (clip 1's axis); clip 1 owns caption 2 (clip 2's
+    # axis); clip 2 owns caption 3 (mostly its axis); no ties anywhere
+    captions = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0.2, 0.9]])
+    out = caption_retrieval_metrics(audio, captions, owners=[0, 0, 1, 2], ks=(1, 2), map_k=2)
+    # t2a: captions 0 and 3 find their clip first, captions 1 and 2 another clip
+    assert out["t2a_R@1"] == pytest.approx(2 / 4)
+    # a2t top-2: clip 0 -> (0, *) hit; clip 1 -> (1, 3), its caption 2 absent; clip 2 -> (2, 3): hit at 2
+    assert out["a2t_R@1"] == pytest.approx(1 / 3)
+    assert out["a2t_R@2"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="3 owners for 4 captions"):
+        caption_retrieval_metrics(audio, captions, owners=[0, 1, 2])
+    with pytest.raises(ValueError, match="outside the 3 clips"):
+        caption_retrieval_metrics(audio, captions, owners=[0, 1, 2, 5])

@@ -18,6 +18,7 @@ from tta.encoders.clap.module import CLAPModule
 from tta.encoders.clap.network import CLAP
 from tta.encoders.htsat import HTSAT
 from tta.encoders.text import BertTextEncoder
+from tta.metrics.retrieval import caption_retrieval_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -99,3 +100,35 @@ def test_frozen_text_tower_is_cached_and_equal(tmp_path: Path) -> None:
     clap.cache_frozen_text = False
     with torch.no_grad():
         torch.testing.assert_close(clap.embed_text(["a dog barks"])[0], first[0], atol=1e-5, rtol=1e-4)
+
+
+def test_test_split_retrieval_scores_every_caption_of_every_clip_once(tiny_synth: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import tta.encoders.clap.module as clap_module
+
+    items = [i for i in read_manifest(tiny_synth) if i.split == "train"][:5]
+    for k, item in enumerate(items):
+        item.captions = [f"caption {k} number {j}" for j in range(1 + k % 3)]  # 1, 2, 3, 1, 2 captions
+    manifest = write_manifest(items, tmp_path / "multi.jsonl")
+    module = tiny_clap(make_bert_folder(tmp_path / "bert"))
+    seen = {}
+
+    def spy(audio: torch.Tensor, captions: torch.Tensor, owners: list[int]) -> dict[str, float]:
+        seen.update(audio=audio, captions=captions, owners=owners)
+        return caption_retrieval_metrics(audio, captions, owners)
+
+    monkeypatch.setattr(clap_module, "caption_retrieval_metrics", spy)
+    dm = AudioDataModule(manifest=str(manifest), mel="demo", segment_seconds=None, batch_size=2,
+                         val_split="train", test_split="train")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert metrics["test/n_clips"] == 5 and metrics["test/n_captions"] == 9
+    assert {"test/t2a_R@1", "test/a2t_R@10", "test/a2t_mAP@10", "test/zero_shot_mAP"} <= set(metrics)
+    # caption c of the split belongs to clip owners[c] (clips in loader order = id order)
+    by_id = sorted(items, key=lambda i: i.id)
+    assert seen["owners"] == [k for k, item in enumerate(by_id) for _ in item.captions]
+    module.eval()  # Lightning restores train mode after testing (the BERT tower has dropout)
+    with torch.no_grad():
+        expected = module.clap.embed_text([c for item in by_id for c in item.captions])
+    torch.testing.assert_close(seen["captions"], expected, atol=1e-5, rtol=1e-4)

@@ -67,3 +67,27 @@ def zero_shot_multilabel_map(audio: torch.Tensor, class_text: torch.Tensor, targ
     if not aps:
         raise ValueError("zero_shot_multilabel_map: no class has a positive clip")
     return sum(aps) / len(aps)
+
+
+def caption_retrieval_metrics(audio: torch.Tensor, captions: torch.Tensor, owners: Sequence[int],
+                              ks: Sequence[int] = (1, 10), map_k: int = 10) -> dict[str, float]:
+    """Text->audio and audio->text retrieval with every caption of every clip (the AudioCaps /
+    Clotho protocol: 5 captions a test clip).
+
+    ``audio`` (N, D) and ``captions`` (M, D) are normalised embeddings; ``owners[m]`` is the clip
+    of caption ``m``. Text->audio queries every caption against the N clips (one relevant clip);
+    audio->text queries every clip against the M captions, all of its own captions relevant.
+    Keys: ``t2a_R@k``, ``t2a_mAP@k``, ``a2t_R@k``, ``a2t_mAP@k``.
+    """
+    n, m = audio.shape[0], captions.shape[0]
+    if len(owners) != m:
+        raise ValueError(f"caption_retrieval_metrics: {len(owners)} owners for {m} captions")
+    if any(not 0 <= o < n for o in owners):
+        raise ValueError(f"caption_retrieval_metrics: an owner index is outside the {n} clips")
+    own: list[set[int]] = [set() for _ in range(n)]
+    for c, o in enumerate(owners):
+        own[o].add(c)
+    sim = audio @ captions.T
+    out = {f"t2a_{k}": v for k, v in retrieval_metrics(sim.T, [{o} for o in owners], ks, map_k).items()}
+    out.update({f"a2t_{k}": v for k, v in retrieval_metrics(sim, own, ks, map_k).items()})
+    return out

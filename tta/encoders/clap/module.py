@@ -4,9 +4,12 @@
   embeddings of all DDP ranks are gathered *with gradients*, so every rank sees the global batch
   of negatives;
 - Adam + reduce-on-plateau on the validation loss (the paper's optimiser);
-- validation/test: text->audio and audio->text R@1, R@10, mAP@10 over the whole split;
-  test also reports zero-shot classification from class-name prompts (softmax accuracy on
-  single-label clips, sigmoid mAP over all clips).
+- validation/test: text->audio and audio->text R@1, R@10, mAP@10 over the whole split with
+  *every* caption of every clip (the AudioCaps / Clotho protocol: 5 per test clip); test also
+  reports zero-shot classification from class-name prompts (softmax accuracy on single-label
+  clips, sigmoid mAP over all clips). Under DDP the per-clip records of all ranks are gathered and
+  de-duplicated by clip id (the sampler's padding repeats clips), so every metric covers each clip
+  of the split exactly once.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from torch import nn
 
 from tta.encoders.clap.network import CLAP, clip_loss
 from tta.metrics.retrieval import (
+    caption_retrieval_metrics,
     retrieval_metrics,
     zero_shot_accuracy,
     zero_shot_multilabel_map,
 )
 from tta.registry import register
 from tta.training.base import TTAModule
+from tta.training.gather import gather_records
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +99,15 @@ class CLAPModule(TTAModule):
         if "wav" not in batch:
             return
         audio, text = self.clap(batch["wav"], batch["caption"])
+        all_captions = [list(c) or [one] for c, one in zip(batch.get("captions", [[]] * len(batch["caption"])),
+                                                            batch["caption"])]
+        flat = [c for caps in all_captions for c in caps]
+        caption_emb = self.clap.embed_text(flat).float().split([len(c) for c in all_captions])
         store = self._eval
-        store.setdefault("audio", []).append(audio.float())
-        store.setdefault("text", []).append(text.float())
+        store.setdefault("id", []).extend(batch["id"])
+        store.setdefault("audio", []).extend(audio.float())
+        store.setdefault("text", []).extend(text.float())
+        store.setdefault("captions", []).extend(caption_emb)
         store.setdefault("labels", []).extend(batch.get("labels", [[] for _ in batch["caption"]]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -105,12 +116,19 @@ class CLAPModule(TTAModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._collect(batch)
 
-    def evaluate(self, audio: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
-        """Loss and retrieval metrics of paired embeddings (row i of each is one clip)."""
-        n = audio.shape[0]
-        sim = audio @ text.T
-        pairs = [{i} for i in range(n)]
+    def evaluate(self, audio: torch.Tensor, text: torch.Tensor, captions: torch.Tensor | None = None,
+                 owners: list[int] | None = None) -> dict[str, float]:
+        """Loss of paired embeddings (row i of ``audio`` and ``text`` is one clip) and retrieval
+        metrics: over every caption when ``captions`` (M, D) with their clip ``owners`` are given
+        (`caption_retrieval_metrics`), else over the pairs."""
         out = {"loss": float(clip_loss(audio, text, self.clap.logit_scale))}
+        if captions is not None:
+            if owners is None:
+                raise ValueError("CLAPModule.evaluate: captions given without their owners (clip index per caption)")
+            out.update(caption_retrieval_metrics(audio, captions, owners))
+            return out
+        sim = audio @ text.T
+        pairs = [{i} for i in range(audio.shape[0])]
         out.update({f"t2a_{k}": v for k, v in retrieval_metrics(sim.T, pairs).items()})
         out.update({f"a2t_{k}": v for k, v in retrieval_metrics(sim, pairs).items()})
         return out
@@ -138,16 +156,17 @@ class CLAPModule(TTAModule):
 
     def _finish(self, stage: str) -> dict[str, float]:
         store, self._eval = self._eval, {}
-        if not store:
+        store = gather_records(store) if store else store  # every rank's clips, each once
+        if not store or not store["id"]:
             return {}
-        audio = self._gather(torch.cat(store["audio"]), False)
-        text = self._gather(torch.cat(store["text"]), False)
-        metrics = self.evaluate(audio, text)
+        device = self.device
+        audio, text = torch.stack(store["audio"]).to(device), torch.stack(store["text"]).to(device)
+        owners = [i for i, caps in enumerate(store["captions"]) for _ in range(caps.shape[0])]
+        metrics = self.evaluate(audio, text, torch.cat(store["captions"]).to(device), owners)
+        metrics["n_clips"], metrics["n_captions"] = float(len(store["id"])), float(len(owners))
         if stage == "test":
-            if self.trainer.world_size > 1:
-                log.warning("zero-shot metrics use rank 0's clips only under DDP")
-            metrics.update(self.zero_shot(torch.cat(store["audio"]), store["labels"]))
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+            metrics.update(self.zero_shot(audio, store["labels"]))
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
         return metrics
 
     def on_validation_epoch_end(self) -> None:
