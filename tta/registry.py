@@ -54,6 +54,8 @@ _BUILTIN_MODULES = (
     "tta.encoders.clap_towers",
     "tta.retrieval.features_extract",
     "tta.nn.unet",
+    "tta.nn.mrc_unet",
+    "tta.nn.reference_align",
     "tta.generators.noise.ddpm",
     "tta.generators.noise.flow",
     "tta.generators.ldm.retrieval",
