@@ -217,3 +217,53 @@ def make_clap_folder(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def clip_bpe_tokenizer(vocab_size: int = 400) -> Any:
+    """A CLIP tokenizer (transformers ``CLIPTokenizer``: lower-cased byte-level BPE with ``</w>``
+    word ends, ``<|startoftext|>`` 0 and ``<|endoftext|>`` 1 around every text, padded with
+    ``<|endoftext|>``), its BPE trained on `CORPUS` plus every lower-case letter, digit and common
+    punctuation mark as a word of its own, so ordinary captions never hit the unknown token."""
+    import json
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    layout = CLIPTokenizer().backend_tokenizer  # CLIP's own normaliser and pre-tokeniser
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer, tok.pre_tokenizer = layout.normalizer, layout.pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    tok.train_from_iterator([*CORPUS, " ".join(string.ascii_lowercase + string.digits + "!,.?'-")], trainer)
+    merges = [tuple(pair) for pair in json.loads(tok.to_str())["model"]["merges"]]
+    return CLIPTokenizer(vocab=tok.get_vocab(), merges=merges)
+
+
+def make_clip_text_folder(folder: Path, seed: int = 0, full: bool = False) -> Path:
+    """Tiny CLIP text tower (2 layers, width 32, 32 positions, projection 16) with a CLIP tokenizer,
+    saved as ``CLIPTextModelWithProjection`` (``model_type: clip_text_model``), or with ``full``
+    as a whole ``CLIPModel`` (``model_type: clip``, a tiny vision tower beside it: the published
+    layout)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = clip_bpe_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if full:
+        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 8, "patch_size": 4, "projection_dim": 16}  # fmt: skip
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=16))
+    else:
+        model = CLIPTextModelWithProjection(text)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

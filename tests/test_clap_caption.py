@@ -16,16 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.conftest import CONFIGS
 from tests.hf_fixtures import CORPUS, make_bert_folder, make_gpt2_folder
-from tta.encoders.clap.caption_module import (
-    ClapCaptionModule,
-    bleu1,
-    caption_scores,
-    rouge_l,
-)
+from tta.data.manifest import read_manifest
+from tta.encoders.clap.caption_module import ClapCaptionModule
 from tta.encoders.clap.captioner import ClapCaptioner, beam_search, greedy_search
 from tta.encoders.clap.network import CLAP
 from tta.encoders.htsat import HTSAT
 from tta.encoders.text import BertTextEncoder
+from tta.metrics.captioning import caption_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,16 +188,16 @@ def test_overfit_four_clips_reproduces_captions(folders: dict[str, Path]) -> Non
 
 
 # ------------------------------------------------------------------------------------ metrics
-def test_caption_metrics_exact_values() -> None:
-    assert bleu1("a dog barks", "a dog barks") == 1.0
-    # 2 of 3 candidate words match; candidate shorter than the 4-word reference: BP = exp(1 - 4/3)
-    assert bleu1("a dog runs", "a dog barks loudly") == pytest.approx(2 / 3 * math.exp(1 - 4 / 3))
-    assert bleu1("", "a dog") == 0.0
-    # LCS("a dog barks", "the dog barks now") = 2; P = 2/3, R = 2/4, beta 1.2
-    p, r = 2 / 3, 2 / 4
-    assert rouge_l("a dog barks", "The dog barks, now!") == pytest.approx((1 + 1.44) * p * r / (r + 1.44 * p))
-    scores = caption_scores(["A dog barks.", "rain"], ["a dog barks", "wind blows"])
-    assert scores["exact"] == [1.0, 0.0] and scores["rougeL"][1] == 0.0
+def test_references_are_every_caption_with_fallback_to_the_batch_caption() -> None:
+    batch = {"id": ["a", "b", "c", "d"], "caption": ["x one", "y two", "z", "w"],
+             "captions": [["x one", "x alt", " ", "?!"], [], ["z"], ["w", "w2"]]}  # fmt: skip
+    assert ClapCaptionModule.references(batch, [0, 1, 2]) == [["x one", "x alt"], ["y two"], ["z"]]
+    assert ClapCaptionModule.references(batch, [3]) == [["w", "w2"]]
+    del batch["captions"]
+    assert ClapCaptionModule.references(batch, [0, 1]) == [["x one"], ["y two"]]
+    bad = {"id": ["clip9"], "caption": ["?!"], "captions": [["", "!"]]}
+    with pytest.raises(ValueError, match=r"clip clip9: no caption with words to score against: \['', '!'\]"):
+        ClapCaptionModule.references(bad, [0])
 
 
 # ------------------------------------------------------------------------------ module, configs
@@ -265,13 +262,33 @@ def test_demo_config_fast_dev_run_and_test_metrics(tiny_synth: Path, tmp_path: P
     args = ["--config", str(CONFIGS / "demo" / "clap_caption.yaml"), f"--trainer.default_root_dir={tmp_path}",
             f"--data.init_args.manifest={tiny_synth}", "--data.init_args.batch_size=4",
             "--data.init_args.segment_seconds=1.0", "--trainer.enable_progress_bar=false",
-            "--model.init_args.max_len=8", "--model.init_args.val_captions=2"]  # fmt: skip
+            "--model.init_args.max_len=8", "--model.init_args.val_captions=2",
+            "--model.init_args.val_metrics=true"]  # fmt: skip
     cli = build_cli(args, run=False)  # the demo config as `tta fit` parses it
     trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(cli.model, datamodule=cli.datamodule)
     assert [set(s) for s in cli.model.val_samples] == [{"id", "reference", "generated"}] * 2
+    # with val_metrics, greedy captions of every validation clip are scored as the test set is
+    assert {"val/cider_d", "val/bleu4", "val/rougeL", "val/exact", "val/n_clips"} <= set(trainer.callback_metrics)
+    assert trainer.callback_metrics["val/n_clips"] == 4
     metrics = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    assert set(metrics) == {"test/loss", "test/bleu1", "test/rougeL", "test/exact"}
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("test/bleu1", "test/rougeL", "test/exact"))
-    assert len(cli.model.test_samples) == 4 and math.isfinite(metrics["test/loss"])
+    names = {"cider_d", "bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "exact"}
+    assert set(metrics) == {"test/loss", "test/n_clips"} | {f"test/{k}" for k in names}
+    assert all(0.0 <= metrics[f"test/{k}"] <= 1.0 for k in names - {"cider_d"}) and metrics["test/cider_d"] >= 0.0
+    assert metrics["test/n_clips"] == 4 and math.isfinite(metrics["test/loss"])
+    # the references are every caption of each clip (the manifest's), scored as one corpus
+    captions = {item.id: item.captions for item in read_manifest(tiny_synth)}
+    samples = cli.model.test_samples
+    assert len(samples) == 4 and all(s["references"] == captions[s["id"]] for s in samples)
+    assert any(len(s["references"]) > 1 for s in samples), "the test clips should have several captions"
+    expected = caption_metrics([s["generated"] for s in samples], [s["references"] for s in samples])
+    assert {k: metrics[f"test/{k}"] for k in names} == pytest.approx(expected, abs=1e-6)
+    # a caption equal to the *last* reference of each clip is exact only if every caption is a reference
+    order = [s["id"] for s in samples]  # the test loader's order, which is deterministic
+    last = {s["id"]: s["references"][-1] for s in samples}
+    cli.model.generate = lambda wav, beam_size=1: [last[i] for i in order]  # type: ignore[method-assign]
+    metrics = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert metrics["test/exact"] == 1.0 and metrics["test/bleu1"] == 1.0 and metrics["test/rougeL"] == 1.0
+    single = caption_metrics([last[i] for i in order], [captions[i][0] for i in order])
+    assert single["exact"] < 1.0 and single["cider_d"] < metrics["test/cider_d"]

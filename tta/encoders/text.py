@@ -1,5 +1,7 @@
 """Pretrained Hugging Face text encoders (GPT2, BERT/RoBERTa/MiniLM, T5/Flan-T5) from local folders.
 
+(CLIP's text tower, built on the same base, is `tta.encoders.clip_text`.)
+
 Every encoder maps ``list[str]`` to a `TextEmbedding` ``(seq (B, L, D), mask (B, L) bool,
 pooled (B, D))``. Shared behaviour (`HFTextEncoder`):
 

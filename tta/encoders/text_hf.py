@@ -93,11 +93,15 @@ def load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_model_strict(model_cls: Any, folder: Path, **kwargs: Any) -> torch.nn.Module:
+def load_model_strict(
+    model_cls: Any, folder: Path, unused_prefixes: tuple[str, ...] | None = None, **kwargs: Any
+) -> torch.nn.Module:
     """``model_cls.from_pretrained(folder)`` offline, from safetensors, in float32, strictly.
 
-    Missing or shape-mismatched parameters raise `WeightMismatchError`; unused checkpoint entries
-    (heads of the saved architecture) are logged at INFO level.
+    Missing or shape-mismatched parameters raise `WeightMismatchError`. Checkpoint entries the
+    network does not use (heads of the saved architecture) are logged at INFO level; with
+    ``unused_prefixes`` only entries starting with one of them may be unused, and any other one
+    (e.g. a layer the config does not declare) raises `WeightMismatchError` too.
     """
     model, info = model_cls.from_pretrained(
         str(folder),
@@ -107,13 +111,16 @@ def load_model_strict(model_cls: Any, folder: Path, **kwargs: Any) -> torch.nn.M
         dtype=torch.float32,
         **kwargs,
     )
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    extra = []
+    if unused_prefixes is not None:
+        extra = [k for k in unexpected if not k.startswith(unused_prefixes) and not is_buffer_drift(k)]
     missing = sorted(k for k in info.get("missing_keys", ()) if not is_buffer_drift(k))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     errors = list(info.get("error_msgs", ()))
-    problems = describe_mismatch(missing=missing, shapes=mismatched, errors=errors)
+    problems = describe_mismatch(missing=missing, unexpected=extra, shapes=mismatched, errors=errors)
     if problems:
         raise WeightMismatchError(f"cannot load {folder} into {type(model).__name__}: {problems}")
-    unexpected = sorted(info.get("unexpected_keys", ()))
     if unexpected:
         log.info(
             "%s: %d checkpoint entries unused by %s (e.g. %s)",

@@ -8,83 +8,38 @@ frozen; the mapper (and GPT2 with ``train_lm``) is trained with AdamW and a line
   dropped from the batch and counted (``empty_captions``), never trained on;
 - validation: ``val/loss``, and the greedy captions of the first ``val_captions`` clips of the
   first batch, logged (INFO, and as text to a TensorBoard logger) and kept in ``val_samples``;
-- test: ``test/loss`` and, from captions generated with ``test_beam_size``, per-clip
-  ``test/bleu1`` (clipped unigram precision x brevity penalty), ``test/rougeL`` (LCS F-measure,
-  beta 1.2 as in the COCO caption evaluation) and ``test/exact`` (normalised strings equal),
-  each averaged over clips, against the clip's caption in the batch (one reference per clip);
+  with ``val_metrics=True`` also greedy captions of *every* validation clip, scored as the test
+  set is (``val/cider_d`` ...; costs one decoding per clip at each validation);
+- test: ``test/loss`` and, from captions generated with ``test_beam_size`` for every test clip,
+  corpus-level ``test/cider_d``, ``test/bleu1`` .. ``test/bleu4``, ``test/rougeL`` and
+  ``test/exact`` (words equal to one reference; `tta.metrics.captioning.caption_metrics`), plus
+  ``test/n_clips``. The references of a clip are *all* its captions (``batch["captions"]``,
+  those without words left out; 5 per clip on AudioCaps / Clotho test), or the batch caption
+  when the clip has none. The
+  records of every DDP rank are gathered (each clip once) before scoring, so CIDEr-D's
+  document frequencies and BLEU's counts are over the whole split; ``test_samples`` then holds
+  ``{"id", "references", "generated"}`` per clip;
 - predict: ``{"id", "caption"}`` with generated captions.
-
-Text normalisation for the metrics: lower case, punctuation removed, split on whitespace.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
-from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
 from tta.encoders.clap.captioner import ClapCaptioner
+from tta.metrics.captioning import caption_metrics, words
 from tta.registry import register
 from tta.training.base import TTAModule
+from tta.training.gather import gather_records
 from tta.training.schedule import adamw_with_warmup
 
 log = logging.getLogger(__name__)
 
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words of ``text`` without punctuation."""
-    return _PUNCT.sub(" ", text.lower()).split()
-
-
-def bleu1(candidate: str, reference: str) -> float:
-    """Sentence BLEU-1: clipped unigram precision times the brevity penalty."""
-    cand, ref = words(candidate), words(reference)
-    if not cand:
-        return 0.0
-    ref_counts = Counter(ref)
-    clipped = sum(min(n, ref_counts[w]) for w, n in Counter(cand).items())
-    precision = clipped / len(cand)
-    brevity = 1.0 if len(cand) > len(ref) else math.exp(1.0 - len(ref) / len(cand))
-    return precision * brevity
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two word lists."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(candidate: str, reference: str, beta: float = 1.2) -> float:
-    """ROUGE-L F-measure ``(1 + b^2) P R / (R + b^2 P)`` from the LCS of the word lists."""
-    cand, ref = words(candidate), words(reference)
-    lcs = lcs_length(cand, ref)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(cand), lcs / len(ref)
-    return (1 + beta**2) * p * r / (r + beta**2 * p)
-
-
-def caption_scores(candidates: list[str], references: list[str]) -> dict[str, list[float]]:
-    """Per-clip ``bleu1``, ``rougeL`` and ``exact`` of generated captions against references."""
-    if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} generated captions but {len(references)} references")
-    return {
-        "bleu1": [bleu1(c, r) for c, r in zip(candidates, references)],
-        "rougeL": [rouge_l(c, r) for c, r in zip(candidates, references)],
-        "exact": [float(words(c) == words(r)) for c, r in zip(candidates, references)],
-    }
+_RECORD_KEYS = ("id", "references", "generated")
 
 
 @register("module", "clap_caption_trainer")
@@ -98,6 +53,7 @@ class ClapCaptionModule(TTAModule):
         val_captions: clips of the first validation batch whose greedy captions are logged.
         max_len: longest generated caption in tokens.
         test_beam_size, length_penalty: decoding of the test and predict captions.
+        val_metrics: also caption every validation clip (greedy) and log the test metrics as ``val/*``.
     """
 
     def __init__(
@@ -111,6 +67,7 @@ class ClapCaptionModule(TTAModule):
         max_len: int = 30,
         test_beam_size: int = 3,
         length_penalty: float = 1.0,
+        val_metrics: bool = False,
         ema_decay: float | None = None,
         grad_clip: float | None = 1.0,
         nan_max_skips: int = 10,
@@ -123,9 +80,11 @@ class ClapCaptionModule(TTAModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.val_captions, self.max_len = val_captions, max_len
         self.test_beam_size, self.length_penalty = test_beam_size, length_penalty
+        self.val_metrics = bool(val_metrics)
         self.empty_captions = 0
         self.val_samples: list[dict[str, str]] = []
-        self.test_samples: list[dict[str, str]] = []
+        self.test_samples: list[dict[str, Any]] = []
+        self._records: dict[str, list[Any]] = {k: [] for k in _RECORD_KEYS}
 
     def ema_target(self) -> nn.Module:
         return self.captioner
@@ -134,8 +93,8 @@ class ClapCaptionModule(TTAModule):
         """The parameters the optimiser updates (mapper, plus GPT2 with ``train_lm``)."""
         return [p for p in self.captioner.parameters() if p.requires_grad]
 
-    def _captioned(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str], list[str]] | None:
-        """Clips with a non-empty caption: ``(wav, captions, ids)``; None when there is none."""
+    def _captioned(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str], list[str], list[int]] | None:
+        """Clips with a non-empty caption: ``(wav, captions, ids, their batch indices)``; None when there is none."""
         captions = batch["caption"]
         keep = [i for i, c in enumerate(captions) if c.strip()]
         if len(keep) < len(captions):
@@ -148,14 +107,28 @@ class ClapCaptionModule(TTAModule):
         if not keep:
             return None
         wav = batch["wav"] if len(keep) == len(captions) else batch["wav"][keep]
-        return wav, [captions[i] for i in keep], [batch["id"][i] for i in keep]
+        return wav, [captions[i] for i in keep], [batch["id"][i] for i in keep], keep
+
+    @staticmethod
+    def references(batch: dict[str, Any], keep: list[int]) -> list[list[str]]:
+        """The reference captions of clips ``keep``: every entry of ``batch["captions"]`` that has
+        words, or ``[batch["caption"]]`` for a clip without any (or a batch without ``captions``)."""
+        every = batch.get("captions")
+        out = []
+        for i in keep:
+            given = list(every[i]) if every is not None else []
+            refs = [c for c in given if words(c)] or [batch["caption"][i]]
+            if not words(refs[0]):
+                raise ValueError(f"clip {batch['id'][i]}: no caption with words to score against: {given or refs!r}")
+            out.append(refs)
+        return out
 
     # ---------------------------------------------------------------------------- train
     def train_step(self, batch: dict[str, Any]) -> None:
         data = self._captioned(batch)
         if data is None:
             return
-        wav, captions, _ = data
+        wav, captions, _, _ = data
         ((opt, sched),) = self.optimizer_pairs(1)
         loss = self.captioner(wav, captions)
         self.guarded_step(loss, opt, self.trainable_parameters(), scheduler=sched, name="caption")
@@ -170,11 +143,15 @@ class ClapCaptionModule(TTAModule):
         data = self._captioned(batch) if "wav" in batch else None
         if data is None:
             return
-        wav, captions, ids = data
+        wav, captions, ids, keep = data
         self.log("val/loss", self.captioner(wav, captions), on_epoch=True, sync_dist=True, batch_size=len(captions))
-        if batch_idx == 0 and self.val_captions > 0:
-            n = min(self.val_captions, len(captions))
-            generated = self.generate(wav[:n])
+        n = min(self.val_captions, len(captions)) if batch_idx == 0 else 0
+        if self.val_metrics:
+            generated = self.generate(wav)
+            self._collect(ids, self.references(batch, keep), generated)
+        else:
+            generated = self.generate(wav[:n]) if n else []
+        if n:
             self.val_samples = [
                 {"id": str(i), "reference": r, "generated": g} for i, r, g in zip(ids[:n], captions[:n], generated)
             ]
@@ -187,22 +164,45 @@ class ClapCaptionModule(TTAModule):
         if experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("val/captions", "\n\n".join(lines), self.global_step)
 
+    def _collect(self, ids: list[str], references: list[list[str]], generated: list[str]) -> None:
+        for key, values in zip(_RECORD_KEYS, (ids, references, generated), strict=True):
+            self._records[key].extend(values)
+
+    def _score(self, stage: str) -> list[dict[str, Any]]:
+        """Gather every rank's records (each clip once), log the corpus metrics as ``{stage}/*``
+        and return the records as one dict per clip. Every rank must call it (a collective)."""
+        records = gather_records(self._records)
+        self._records = {k: [] for k in _RECORD_KEYS}
+        if not records["id"]:
+            log.warning("%s: no captioned clip to score", stage)
+            return []
+        metrics = caption_metrics(records["generated"], records["references"])
+        metrics["n_clips"] = float(len(records["id"]))
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        rows = zip(*(records[k] for k in _RECORD_KEYS), strict=True)
+        return [{"id": str(i), "references": r, "generated": g} for i, r, g in rows]
+
+    def on_validation_epoch_start(self) -> None:
+        self._records = {k: [] for k in _RECORD_KEYS}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metrics:
+            self._score("val")
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         data = self._captioned(batch) if "wav" in batch else None
         if data is None:
             return
-        wav, captions, ids = data
-        n = len(captions)
-        self.log("test/loss", self.captioner(wav, captions), on_epoch=True, sync_dist=True, batch_size=n)
-        generated = self.generate(wav, self.test_beam_size)
-        for name, values in caption_scores(generated, captions).items():
-            self.log(f"test/{name}", sum(values) / n, on_epoch=True, sync_dist=True, batch_size=n)
-        self.test_samples.extend(
-            {"id": str(i), "reference": r, "generated": g} for i, r, g in zip(ids, captions, generated)
-        )
+        wav, captions, ids, keep = data
+        self.log("test/loss", self.captioner(wav, captions), on_epoch=True, sync_dist=True, batch_size=len(captions))
+        self._collect(ids, self.references(batch, keep), self.generate(wav, self.test_beam_size))
 
     def on_test_epoch_start(self) -> None:
+        self._records = {k: [] for k in _RECORD_KEYS}
         self.test_samples = []
+
+    def on_test_epoch_end(self) -> None:
+        self.test_samples = self._score("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Generated captions of a batch (beam search with ``test_beam_size``)."""

@@ -156,8 +156,9 @@ class CLAPModule(TTAModule):
 
     def _finish(self, stage: str) -> dict[str, float]:
         store, self._eval = self._eval, {}
-        store = gather_records(store) if store else store  # every rank's clips, each once
-        if not store or not store["id"]:
+        empty: dict[str, list[Any]] = {"id": [], "audio": [], "text": [], "captions": [], "labels": []}
+        store = gather_records(store or empty)  # every rank's clips, each once (a collective: every rank calls it)
+        if not store["id"]:
             return {}
         device = self.device
         audio, text = torch.stack(store["audio"]).to(device), torch.stack(store["text"]).to(device)
