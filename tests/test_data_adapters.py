@@ -62,6 +62,29 @@ def test_audiocaps_groups_captions_and_finds_audio(tmp_path, caplog):
     assert result.summary()["splits"] == {"test": 2, "train": 2, "val": 1}
 
 
+def test_audiocaps_labels_from_audioset_metadata(tmp_path, caplog):
+    root = _copy("audiocaps", tmp_path)
+    for name in ("r1nicOVtvkQ_130.wav", "UDGBjjwyaqE.flac", "97151.wav", "Y--0w1YA1Hm4.wav", "AxkTW3eIBf8_40.wav"):
+        _wav(root / "audio" / name)
+    (tmp_path / "classes.csv").write_text('index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/0bt9lr,"Dog"\n')
+    (tmp_path / "eval_segments.csv").write_text('# YTID, start_seconds, end_seconds, positive_labels\n'
+                                                '--0w1YA1Hm4, 30.000, 40.000, "/m/09x0r,/m/0bt9lr"\n')
+    (tmp_path / "train_segments.csv").write_text('r1nicOVtvkQ, 130.000, 140.000, "/m/0bt9lr"\n')
+    out = tmp_path / "labelled.jsonl"
+    with caplog.at_level("WARNING", logger="tta.data.adapters"):
+        assert main(["manifest", "--format", "audiocaps", "--root", str(root), "--out", str(out),
+                     "--audioset-segments", str(tmp_path / "train_segments.csv"),
+                     "--audioset-segments", str(tmp_path / "eval_segments.csv"),
+                     "--audioset-classes", str(tmp_path / "classes.csv")]) == 0
+    labels = {i.id: i.labels for i in read_manifest(out)}
+    assert labels["--0w1YA1Hm4"] == ["Speech", "Dog"] and labels["r1nicOVtvkQ"] == ["Dog"]
+    assert labels["UDGBjjwyaqE"] == [] and "4 of 6 clips are in none of the AudioSet segment lists" in caplog.text
+    assert main(["manifest", "--format", "audiocaps", "--root", str(root), "--out", str(out),
+                 "--audioset-classes", str(tmp_path / "classes.csv")]) == 2
+    with pytest.raises(ValueError, match="give both audioset_segments"):
+        audiocaps(root, audioset_classes=tmp_path / "classes.csv")
+
+
 def test_clotho_splits_and_five_captions(tmp_path):
     root = _copy("clotho", tmp_path)
     _wav(root / "development" / "Distorted AM Radio noise.wav")
@@ -180,3 +203,43 @@ def test_cli_manifest_strict_and_summary(tmp_path, capsys):
     assert "missing" in printed and "split test" in printed
     # a flag that does not apply to the format is refused
     assert main(["manifest", "--format", "esc50", "--root", str(root), "--out", str(out), "--split", "x"]) == 2
+
+
+def test_jsonl_caption_label_library(tmp_path, capsys):
+    """An in-house "caption + category" JSONL (fixture: custom field names, one clip without audio)."""
+    root = _copy("jsonl_caption_label", tmp_path)
+    for name in ("doors/door_slam_01.wav", "doors/door_creak_02.wav", "weather/rain_roof.wav"):
+        _wav(root / "sfx" / name)
+    fields = {"path_field": "file", "caption_field": "description", "label_field": "category"}
+    result = build_manifest("jsonl-caption-label", root / "library.jsonl", **fields)
+    assert result.rows == 4 and result.missing == ["sfx/weather/thunder_far"]
+    items = {i.id: i for i in result.items}
+    assert items["sfx/doors/door_creak_02"].captions == ["a door creaks open slowly", "creaking hinge"]
+    assert items["sfx/doors/door_creak_02"].labels == ["doors", "foley"]
+    assert items["sfx/doors/door_slam_01"].labels == ["doors"] and items["sfx/doors/door_slam_01"].split == "train"
+    assert items["sfx/weather/rain_roof"].split == "test" and items["sfx/weather/rain_roof"].sample_rate == 8000
+    out = tmp_path / "lib.jsonl"
+    argv = ["manifest", "--format", "jsonl-caption-label", "--root", str(root / "library.jsonl"), "--out", str(out),
+            "--path-field", "file", "--caption-field", "description", "--label-field", "category", "--split", "val"]
+    assert main(argv) == 0
+    assert {i.split for i in read_manifest(out)} == {"val", "test"}
+    # the default field names do not match this file: the first line is refused by line and field
+    capsys.readouterr()
+    assert main(argv[:7]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().endswith("library.jsonl:1: field 'path' (--path-field): expected the audio path, got None")
+    # field-name options belong to this format only
+    assert main(["manifest", "--format", "esc50", "--root", str(root), "--out", str(out), "--label-field", "x"]) == 2
+
+
+def test_jsonl_caption_label_refuses_bad_rows(tmp_path):
+    path = tmp_path / "lib.jsonl"
+    for text, message in (('{"path": "a.wav", "caption": 3}\n', r"lib.jsonl:1: field 'caption': expected a string"),
+                          ('{"path": "a.wav"}\n{"path": "a.flac"}\n', r"lib.jsonl:2: id 'a' .* also on line 1"),
+                          ('\n[1]\n', r"lib.jsonl:2: expected a JSON object"),
+                          (b'{"path": "a.wav", "caption": "caf\xe9"}\n', r"lib.jsonl:1: not valid UTF-8")):
+        (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+        with pytest.raises(MetadataError, match=message):
+            build_manifest("jsonl-caption-label", path)
+    with pytest.raises(MetadataError, match="give the file, not its folder"):
+        build_manifest("jsonl-caption-label", tmp_path)

@@ -41,8 +41,8 @@ def test_counts_and_examples(tmp_path):
     report = check_manifest(_make(tmp_path), min_duration=0.5)
     assert report.total == 9
     assert report.counts == {
-        "missing_file": 1, "unreadable": 1, "empty": 1, "wrong_channels": 0, "too_short": 1,
-        "missing_caption": 1, "sample_rate": 1, "non_finite": 1,
+        "missing_file": 1, "not_a_file": 0, "unreadable": 1, "empty": 1, "wrong_channels": 0, "too_short": 1,
+        "too_short_for_mel": 0, "missing_caption": 1, "sample_rate": 1, "non_finite": 1, "silent": 0,
     }  # fmt: skip
     assert report.examples["unreadable"] == ["corrupt"] and report.examples["sample_rate"] == ["rate"]
     assert report.examples["missing_file"] == ["gone"] and report.examples["non_finite"] == ["nan"]

@@ -349,3 +349,18 @@ def test_overlay_redraws_silent_base_segments(tmp_path):
     with pytest.raises(ValueError, match="overlay item overlay_nosplit_000000: 32 draws .* silent base segment"):
         build_customized(write_manifest([*items, quiet], tmp_path / "q.jsonl"), tmp_path / "b", config)
     assert not (tmp_path / "b").exists()
+
+
+def test_tta_data_customize_and_check_through_the_cli(base, tmp_path, caplog):
+    from tta.data.commands import main as data_main
+
+    out = tmp_path / "cli"
+    assert data_main(["customize", "--base", str(base), "--out", str(out), "--kind", "concat", "--n", "3",
+                      "--seconds", "2", "--max-short", "1", "--sample-rate", str(SR), "--split", "train"]) == 0
+    manifest = out / "manifest.jsonl"
+    assert data_main(["check", str(manifest), "--mel", "none"]) == 0
+    item = manifest_lines(manifest)[0][1]
+    item_references(item, out)[0].audio.unlink()  # a reference gone: `tta data check` names it and fails
+    with caplog.at_level("ERROR"):
+        assert data_main(["check", str(manifest), "--mel", "none"]) == 1
+    assert f"item {item.id!r}: missing" in caplog.text

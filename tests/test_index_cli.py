@@ -35,10 +35,24 @@ def test_index_build_and_search(clap_ckpt: Path, tiny_synth: Path, tmp_path: Pat
     assert meta["count"] == 40 and meta["shards"] == 2 and meta["dim"] == 128
     table = load_neighbour_table(out)
     assert len(table) == 40 and all(q not in [n for n, _ in row] and len(row) == 5 for q, row in table.items())
+    assert meta["search_device"] == "cpu" and set(meta["embedding_content"]) == {"audio", "text"}
     capsys.readouterr()
     assert main(["index", "search", str(out), "a dog barks", "-k", "3"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("synth_") == 3
+    # several queries, one CLAP load, full ids as JSON
+    from unittest import mock
+
+    import tta.encoders.clap_towers as towers
+
+    with mock.patch.object(towers, "load_clap_network", wraps=towers.load_clap_network) as loader:
+        assert main(["index", "search", str(out), "a dog barks", "rain on a roof", "-k", "2", "--json"]) == 0
+    assert loader.call_count == 1
+    found = json.loads(capsys.readouterr().out)
+    ids = set(json.loads((out / "ids.json").read_text()))
+    assert [r["query"] for r in found] == ["a dog barks", "rain on a roof"]
+    assert all(len(r["results"]) == 2 and {h["id"] for h in r["results"]} <= ids for r in found)
+    assert [h["rank"] for h in found[0]["results"]] == [1, 2]
     with pytest.raises(IndexMismatchError, match="embedding model"):
         EmbeddingIndex.load(out, expect_model_hash="0" * 64)
     lean = tmp_path / "lean"

@@ -9,7 +9,6 @@ are tta's own commands.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,11 @@ commands:
   eval --generated X --reference Y  FAD, KL, IS, CLAP score, ... -> eval.json + eval.md
   demo [--out DIR]                  the end-to-end demo on the built-in synthetic data
 
-`tta <command> --help` for the options of a command.
+`tta <command> --help` for the options of a command. Anywhere on the line, --debug (or TTA_DEBUG=1)
+shows the traceback of a refused input, --verbose shows every third-party warning and log line.
 """
+#: options of every command, taken out of the line before the command sees it
+GLOBAL_FLAGS = ("--debug", "--verbose")
 
 _COMPONENT_FLAGS = ("--model", "--data")
 
@@ -109,7 +111,17 @@ def _make_cli_class() -> type:
 
     class TTACLI(LightningCLI):
         """LightningCLI with tta's defaults: atomic checkpoints loaded with ``weights_only``,
-        the resolved config stored in every checkpoint, and the rich progress bar."""
+        the resolved config stored in every checkpoint, the rich progress bar, and ``fit
+        --ckpt_path`` refused when the model arguments differ from the checkpoint's."""
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would now overwrite the model arguments with the checkpoint's hyperparameters
+            sub = self.config.get("subcommand")
+            cfg = self.config.get(sub) if sub else None
+            if sub == "fit" and cfg is not None and cfg.get("ckpt_path"):
+                current = yaml.safe_load(self._parser(sub).dump(cfg, skip_none=False))
+                check_resume_arguments(cfg["ckpt_path"], current.get("model"))
+            super()._parse_ckpt_path()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
             parser = self._parser(self.subcommand)
@@ -125,6 +137,37 @@ def _make_cli_class() -> type:
             return super()._instantiate_trainer(config, callbacks)
 
     return TTACLI
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def check_resume_arguments(ckpt_path: str, model: dict[str, Any] | None) -> None:
+    """Refuse (`UsageError`, every differing ``model.*`` argument with both values) to resume
+    ``ckpt_path`` with model arguments other than the ones stored in it by `tta fit`: the
+    checkpoint's weights and optimizer state would silently override them."""
+    from tta.utils.errors import UsageError
+    from tta.utils.weights import load_checkpoint
+
+    if model is None or not Path(ckpt_path).is_file():
+        return  # Lightning names a missing checkpoint itself
+    stored_yaml = (load_checkpoint(ckpt_path).get("tta") or {}).get("config")
+    if not stored_yaml:
+        return  # not written by `tta fit`: nothing to compare
+    stored = _flatten(yaml.safe_load(stored_yaml).get("model"), "model")
+    given = _flatten(model, "model")
+    differ = [k for k in sorted(set(stored) | set(given)) if stored.get(k) != given.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {given.get(k)!r}" for k in differ[:8])
+        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+        raise UsageError(f"--ckpt_path {ckpt_path} was trained with other model arguments: {shown}{more}. Resume "
+                         "with the checkpoint's arguments, or start a new run without --ckpt_path")
 
 
 def build_cli(argv: list[str], run: bool = True) -> Any:
@@ -159,16 +202,6 @@ def run_lightning(argv: list[str]) -> int:
     return 0
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log tta's messages to stderr (Lightning configures its own loggers)."""
-    logger = logging.getLogger("tta")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(level)
-
-
 def list_components(kind: str | None = None) -> int:
     """Print registered components as a table."""
     from rich.console import Console
@@ -187,14 +220,8 @@ def list_components(kind: str | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tta`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0 if argv else 2
-    setup_logging()
-    cmd, rest = argv[0], argv[1:]
+def _dispatch(cmd: str, rest: list[str], argv: list[str]) -> int:
+    """Run command ``cmd`` with its arguments ``rest`` (``argv``: the whole line after ``tta``)."""
     if cmd in LIGHTNING_COMMANDS:
         return run_lightning(argv)
     if cmd == "list":
@@ -229,6 +256,26 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(rest)
     sys.stderr.write(f"tta: unknown command {cmd!r}\n\n{USAGE}")
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tta`` console script: a refused input (`tta.utils.errors`) prints one
+    line ``tta <command>: error: <message>`` and exits 2 (usage) or 1 (data); ``--debug`` or
+    ``TTA_DEBUG=1`` adds its traceback; unexpected exceptions keep theirs."""
+    from tta.utils.errors import debug_enabled, debug_mode, run_guarded
+    from tta.utils.logs import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in GLOBAL_FLAGS]
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    setup_logging(verbose=verbose)
+    cmd, rest = argv[0], argv[1:]
+    name = f"{cmd} {rest[0]}" if cmd in ("data", "index", "pipeline") and rest and not rest[0].startswith("-") else cmd
+    with debug_mode(debug or debug_enabled()):
+        return run_guarded(name, lambda: _dispatch(cmd, rest, argv))
 
 
 if __name__ == "__main__":

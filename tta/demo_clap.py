@@ -40,6 +40,7 @@ def instantiate_config(config: Path, root: Path, steps: int | None, data_dir: Pa
 def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: Path | None = None,
                    n_examples: int = 3) -> dict[str, Any]:
     """Train the demo CLAP, build its index under ``out/index`` and return the report section."""
+    from tta.retrieval.compat import clap_content_hashes
     from tta.retrieval.index import IndexSpec, build_index
     from tta.retrieval.neighbours import build_neighbour_table, save_neighbour_table
 
@@ -76,7 +77,8 @@ def run_clap_stage(out: Path, config: Path, steps: int | None = None, data_dir: 
     train = [k for k, i in enumerate(store.ids) if by_id[i].split == "train"]
     train_ids = [store.ids[k] for k in train]
     index = build_index(store.audio[train], train_ids, IndexSpec(type="flat"),
-                        meta={"embedding_model": "demo CLAP (untracked checkpoint)", "dim": int(store.audio.shape[1])})
+                        meta={"embedding_model": "demo CLAP", "embedding_checkpoint": str(checkpoint),
+                              "embedding_content": clap_content_hashes(clap), "dim": int(store.audio.shape[1])})
     index.save(out / "index")
     # neighbour table (text query -> audio neighbours, the clip itself excluded) of every training clip
     save_neighbour_table(build_neighbour_table(index, store.text[train], train_ids, k=min(10, len(train) - 1)),

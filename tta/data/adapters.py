@@ -8,7 +8,9 @@ Supported layouts (see ``docs/data.md`` for the expected folders):
 - ``wavcaps``: the WavCaps JSON files (``{"data": [{"id", "caption", ...}]}``);
 - ``esc50``: ``meta/esc50.csv`` + ``audio/``;
 - ``us8k``: ``metadata/UrbanSound8K.csv`` + ``audio/fold{N}/``;
-- ``folder``: audio files found recursively, captions in sidecar ``<stem>.txt`` files.
+- ``folder``: audio files found recursively, captions in sidecar ``<stem>.txt`` files;
+- ``jsonl-caption-label``: an in-house JSONL with an audio path, caption(s) and label(s) per line
+  (field names configurable).
 
 ``duration`` and ``sample_rate`` come from the audio headers (``soundfile.info``). A clip whose
 audio cannot be found or read is never silently dropped: its id is listed in
@@ -18,6 +20,7 @@ audio cannot be found or read is never silently dropped: its id is listed in
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +44,7 @@ __all__ = [
     "clotho",
     "esc50",
     "folder",
+    "jsonl_caption_label",
     "label_caption",
     "us8k",
     "wavcaps",
@@ -197,10 +201,20 @@ def _split_for_fold(fold: int, test_fold: int, val_fold: int | None) -> str:
     return "train"
 
 
-def audiocaps(root: str | os.PathLike, audio_dir: str | os.PathLike | None = None) -> AdapterResult:
+def audiocaps(root: str | os.PathLike, audio_dir: str | os.PathLike | None = None,
+              audioset_segments: list[str | os.PathLike] | None = None,
+              audioset_classes: str | os.PathLike | None = None) -> AdapterResult:
     """AudioCaps: ``root/{train,val,test}.csv``; audio in ``audio_dir`` (default ``root/audio``
     or ``root``) or its ``train/val/test`` subfolders, named ``{youtube_id}_{start_time}``,
-    ``{youtube_id}`` or ``Y{youtube_id}`` (``.wav``/``.flac``) or ``{audiocap_id}.wav``."""
+    ``{youtube_id}`` or ``Y{youtube_id}`` (``.wav``/``.flac``) or ``{audiocap_id}.wav``.
+
+    Labels (Re-AudioLDM's long-tail buckets): the AudioSet labels of each clip, read from AudioSet's
+    segment lists ``audioset_segments`` and class list ``audioset_classes``
+    (`tta.data.audioset_labels`); give both or neither. Clips found in no segment list keep empty
+    labels and are counted in the log."""
+    if (audioset_segments is None) != (audioset_classes is None):
+        raise ValueError("audiocaps: give both audioset_segments (segment CSVs) and audioset_classes "
+                         "(class_labels_indices.csv), or neither")
     root = Path(root)
     audio_root = Path(audio_dir) if audio_dir else (root / "audio" if (root / "audio").is_dir() else root)
     csvs = [(root / f"{s}.csv", s) for s in ("train", "val", "test") if (root / f"{s}.csv").is_file()]
@@ -226,6 +240,15 @@ def audiocaps(root: str | os.PathLike, audio_dir: str | os.PathLike | None = Non
             pending.append(
                 _Pending(ytid, index.find(names), g["captions"], [], split, {"start_time": _num(start)})
             )
+    if audioset_segments is not None:
+        from tta.data.audioset_labels import audioset_labels
+
+        labels = audioset_labels([p.id for p in pending], audioset_segments, audioset_classes)
+        pending = [dataclasses.replace(p, labels=labels.get(p.id, [])) for p in pending]
+        unlabelled = sum(p.id not in labels for p in pending)
+        if unlabelled:
+            log.warning("audiocaps: %d of %d clips are in none of the AudioSet segment lists (no labels)",
+                        unlabelled, len(pending))
     return _finish("audiocaps", pending, rows)
 
 
@@ -384,6 +407,65 @@ def folder(root: str | os.PathLike, labels_from_dirs: bool = False, split: str =
     return _finish("folder", pending, len(files))
 
 
+def _str_list(value: Any, path: Path, line: int, name: str) -> list[str]:
+    """A field holding a string or a list of strings (None / absent: empty)."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise MetadataError(path, f"field {name!r}: expected a string or a list of strings, got {value!r:.80}", line)
+    return [v for v in values if v.strip()]
+
+
+def jsonl_caption_label(
+    root: str | os.PathLike, audio_dir: str | os.PathLike | None = None, split: str = "train",
+    path_field: str = "path", caption_field: str = "caption", label_field: str = "label",
+) -> AdapterResult:
+    """An in-house "caption + category" library: ``root`` is a JSONL file, one object per clip with
+    the audio path (``path_field``, relative to ``audio_dir``, default the file's folder), its
+    caption(s) (``caption_field``) and label(s) (``label_field``; absent: no labels), each a string
+    or a list of strings. Ids are the audio paths without extension; a row's ``split`` field, if
+    present, overrides ``split``. Bad rows raise `MetadataError` naming the line and field."""
+    root = Path(root)
+    if not root.is_file():
+        raise MetadataError(root, "not a JSONL file (give the file, not its folder)" if root.is_dir() else "not found")
+    base = Path(audio_dir) if audio_dir else root.parent
+    pending: list[_Pending] = []
+    seen: dict[str, int] = {}
+    rows = 0
+    with root.open("rb") as fh:
+        for line, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MetadataError(root, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", line) from exc
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise MetadataError(root, f"invalid JSON ({exc.msg} at column {exc.colno})", line) from exc
+            if not isinstance(row, dict):
+                raise MetadataError(root, f"expected a JSON object, got {type(row).__name__}", line)
+            rows += 1
+            rel = row.get(path_field)
+            if not isinstance(rel, str) or not rel.strip():
+                raise MetadataError(root, f"field {path_field!r} (--path-field): expected the audio path, got "
+                                    f"{rel!r:.80}", line)
+            item_id = Path(rel).with_suffix("").as_posix()
+            if item_id in seen:
+                raise MetadataError(root, f"id {item_id!r} (from {path_field!r}) is also on line {seen[item_id]}", line)
+            seen[item_id] = line
+            row_split = row.get("split", split)
+            if not isinstance(row_split, str):
+                raise MetadataError(root, f"field 'split': expected a string, got {row_split!r:.80}", line)
+            audio = base / rel
+            pending.append(_Pending(item_id, audio if audio.is_file() else None,
+                                    _str_list(row.get(caption_field), root, line, caption_field),
+                                    _str_list(row.get(label_field), root, line, label_field), row_split))
+    return _finish("jsonl-caption-label", pending, rows)
+
+
 ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
     "audiocaps": audiocaps,
     "clotho": clotho,
@@ -391,6 +473,7 @@ ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
     "esc50": esc50,
     "us8k": us8k,
     "folder": folder,
+    "jsonl-caption-label": jsonl_caption_label,
 }
 
 

@@ -21,7 +21,8 @@ from tta.utils.files import atomic_path
 
 PathLike = str | os.PathLike
 
-__all__ = ["AudioInfo", "AudioLoadError", "audio_info", "load_audio", "pad_or_crop", "resample", "save_audio"]
+__all__ = ["AudioInfo", "AudioLoadError", "audio_info", "load_audio", "pad_or_crop", "resample", "save_audio",
+           "truncation"]
 
 
 class AudioLoadError(RuntimeError):
@@ -65,6 +66,29 @@ def audio_info(path: PathLike) -> AudioInfo:
     return AudioInfo(sample_rate=sr, frames=frames, channels=int(info.channels), duration=frames / sr if sr else 0.0)
 
 
+def truncation(path: PathLike) -> str | None:
+    """Why a RIFF/WAVE file is truncated (its ``data`` chunk declares more bytes than the file
+    holds: libsndfile would silently read the shorter rest), or None (complete, or not a WAV)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        offset = 12
+        while offset + 8 <= size:
+            fh.seek(offset)
+            chunk = fh.read(8)
+            name, length = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if name == b"data":
+                held = size - offset - 8
+                if length in (0, 0xFFFF_FFFF) or length <= held:  # 0 / -1: a streamed header, length unknown
+                    return None
+                return f"truncated: the header declares {length} bytes of audio data, the file holds {held}"
+            offset += 8 + length + (length & 1)
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
     # The sinc kernel costs more to build than to apply; keep a few per process. Each DataLoader
@@ -100,14 +124,17 @@ def load_audio(
     reads to the end). The audio is resampled to ``target_sr`` when given. Returns
     ``(wav, sample_rate)``.
 
-    Raises `AudioLoadError` for a missing or unreadable file, a zero-length selection and
-    non-finite samples.
+    Raises `AudioLoadError` for a missing, unreadable or truncated (`truncation`) file, a
+    zero-length selection and non-finite samples.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioLoadError(path, "no such file")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
+    cut = truncation(path)
+    if cut is not None:
+        raise AudioLoadError(path, cut)
     try:
         data, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as exc:

@@ -13,16 +13,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tta.data.adapters import (
-    ADAPTERS,
-    DEFAULT_TEMPLATE,
-    AdapterResult,
-    MetadataError,
-    build_manifest,
-)
-from tta.data.check import CheckReport, check_manifest
-from tta.data.manifest import ManifestError, write_manifest
+from tta.data.adapters import ADAPTERS, DEFAULT_TEMPLATE, AdapterResult, build_manifest
+from tta.data.check import DEFAULT_SILENCE_THRESHOLD, CheckReport, check_manifest
+from tta.data.manifest import write_manifest
 from tta.data.synth import STAMP, ensure_synth
+from tta.utils.errors import UsageError, check_float, check_int
 
 log = logging.getLogger("tta.data")
 
@@ -46,15 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("manifest", help="turn a public dataset's metadata into a JSONL manifest")
     p.add_argument("--format", required=True, choices=sorted(ADAPTERS), dest="fmt")
-    p.add_argument("--root", type=Path, required=True, help="dataset folder (wavcaps: a JSON file or folder)")
+    p.add_argument("--root", type=Path, required=True,
+                   help="dataset folder (wavcaps: a JSON file or folder; jsonl-caption-label: the JSONL file)")
     p.add_argument("--out", type=Path, required=True, help="manifest path to write")
-    p.add_argument("--audio-dir", type=Path, help="audio folder (audiocaps, clotho, wavcaps)")
+    p.add_argument("--audio-dir", type=Path, help="audio folder (audiocaps, clotho, wavcaps, jsonl-caption-label)")
     p.add_argument("--test-fold", type=int, help="esc50 (default 5) / us8k (default 10) test fold")
     p.add_argument("--val-fold", type=int, help="esc50 / us8k fold used as validation split")
     p.add_argument("--caption-template", default=DEFAULT_TEMPLATE, help="esc50 / us8k caption template")
     p.add_argument("--labels-from-dirs", action="store_true", help="folder: label clips by parent folder")
     p.add_argument("--split", help="folder / wavcaps: split name for every clip (default train)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any audio is missing")
+    p.add_argument("--path-field", help="jsonl-caption-label: field of the audio path (default path)")
+    p.add_argument("--caption-field", help="jsonl-caption-label: field of the caption(s) (default caption)")
+    p.add_argument("--label-field", help="jsonl-caption-label: field of the label(s) (default label)")
+    p.add_argument("--audioset-segments", type=Path, action="append",
+                   help="audiocaps: an AudioSet segment list (e.g. unbalanced_train_segments.csv; repeat for "
+                        "several), for the clips' AudioSet labels")
+    p.add_argument("--audioset-classes", type=Path, help="audiocaps: AudioSet's class_labels_indices.csv")
 
     p = sub.add_parser("check", help="validate the clips of a manifest")
     p.add_argument("manifest", type=Path)
@@ -62,35 +65,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, help="required channel count")
     p.add_argument("--min-duration", type=float, help="minimum duration in seconds")
     p.add_argument("--header-only", action="store_true", help="do not decode samples (faster, no NaN check)")
+    p.add_argument("--mel", default="audioldm",
+                   help="mel preset the clips must be long enough for (default audioldm; 'none': not checked)")
+    p.add_argument("--silence-threshold", type=float, default=DEFAULT_SILENCE_THRESHOLD,
+                   help="peak at or below which a clip is silent (unusable; default %(default)g)")
     p.add_argument("--workers", type=int, default=1, help="threads reading files")
     p.add_argument("--examples", type=int, default=5, help="example ids shown per problem")
+
+    from tta.data.customize import add_customize_parser
+
+    add_customize_parser(sub)
     return parser
 
 
 def _adapter_options(args: argparse.Namespace) -> dict[str, object]:
     opts: dict[str, object] = {}
-    if args.fmt in ("audiocaps", "clotho", "wavcaps") and args.audio_dir is not None:
+    jsonl = "jsonl-caption-label"
+    if args.fmt in ("audiocaps", "clotho", "wavcaps", jsonl) and args.audio_dir is not None:
         opts["audio_dir"] = args.audio_dir
+    if args.fmt == jsonl:
+        opts.update({f"{name}_field": getattr(args, f"{name}_field") for name in ("path", "caption", "label")
+                     if getattr(args, f"{name}_field") is not None})
+    if args.fmt == "audiocaps" and (args.audioset_segments or args.audioset_classes):
+        if not (args.audioset_segments and args.audioset_classes):
+            raise UsageError("--audioset-segments and --audioset-classes go together")
+        opts.update(audioset_segments=args.audioset_segments, audioset_classes=args.audioset_classes)
     if args.fmt in ("esc50", "us8k"):
         if args.test_fold is not None:
             opts["test_fold"] = args.test_fold
         opts["val_fold"] = args.val_fold
         opts["template"] = args.caption_template
-    if args.fmt in ("folder", "wavcaps") and args.split:
+    if args.fmt in ("folder", "wavcaps", jsonl) and args.split:
         opts["split"] = args.split
     if args.fmt == "folder":
         opts["labels_from_dirs"] = args.labels_from_dirs
     ignored = [
         flag for flag, value, fmts in (
-            ("--audio-dir", args.audio_dir, ("audiocaps", "clotho", "wavcaps")),
+            ("--audio-dir", args.audio_dir, ("audiocaps", "clotho", "wavcaps", jsonl)),
+            ("--path-field", args.path_field, (jsonl,)),
+            ("--caption-field", args.caption_field, (jsonl,)),
+            ("--label-field", args.label_field, (jsonl,)),
             ("--test-fold", args.test_fold, ("esc50", "us8k")),
             ("--val-fold", args.val_fold, ("esc50", "us8k")),
             ("--labels-from-dirs", args.labels_from_dirs, ("folder",)),
-            ("--split", args.split, ("folder", "wavcaps")),
+            ("--audioset-segments", args.audioset_segments, ("audiocaps",)),
+            ("--audioset-classes", args.audioset_classes, ("audiocaps",)),
+            ("--split", args.split, ("folder", "wavcaps", jsonl)),
         ) if value not in (None, False) and args.fmt not in fmts
     ]  # fmt: skip
     if ignored:
-        raise ValueError(f"tta data manifest: {', '.join(ignored)} do(es) not apply to --format {args.fmt}")
+        raise UsageError(f"{', '.join(ignored)} do(es) not apply to --format {args.fmt}")
     return opts
 
 
@@ -134,17 +158,32 @@ def _print_check(console: Console, report: CheckReport, hard: set[str]) -> None:
     console.print(table)
     for clip_id in report.unusable[:10]:
         if clip_id in report.details:
-            console.print(f"  {clip_id}: {report.details[clip_id]}")
+            console.print(f"  {clip_id}: {report.details[clip_id]}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _cmd_check(args: argparse.Namespace, console: Console) -> int:
+    from tta.data.mel import PRESETS
+
+    if args.mel != "none" and args.mel not in PRESETS:
+        raise UsageError(f"--mel: unknown preset {args.mel!r}; presets: {', '.join(sorted(PRESETS))}, none")
+    check_float("--silence-threshold", args.silence_threshold, low=0.0)
+    if args.min_duration is not None:
+        check_float("--min-duration", args.min_duration, low=0.0)
+    check_int("--workers", args.workers)
     report = check_manifest(
         args.manifest, sample_rate=args.sample_rate, channels=args.channels, min_duration=args.min_duration,
         read_samples=not args.header_only, max_examples=args.examples, workers=args.workers,
+        mel=None if args.mel == "none" else args.mel, silence_threshold=args.silence_threshold,
     )  # fmt: skip
     _print_check(console, report, set(report.blocking))
-    if not report.ok:
-        log.error("%d of %d clips are unusable", len(report.unusable), report.total)
+    from tta.data.customize_refs import check_references
+
+    references = check_references(args.manifest)  # DreamAudio items: every reference must be readable
+    for problem in references:
+        log.error("%s", problem)
+    if not report.ok or references:
+        log.error("%d of %d clips are unusable, %d references are unusable", len(report.unusable), report.total,
+                  len(references))
         return 1
     return 0
 
@@ -156,23 +195,27 @@ def _cmd_synth(args: argparse.Namespace, console: Console) -> int:
     )  # fmt: skip
     if args.force:
         (args.out / STAMP).unlink(missing_ok=True)
-    path = ensure_synth(args.out, **kwargs)
+    try:
+        path = ensure_synth(args.out, **kwargs)
+    except ValueError as exc:  # synthesize's only ValueError: its arguments, i.e. this command's flags
+        raise UsageError(f"--n/--seed/--duration/--sample-rate/--zipf/--heldout: {exc}") from exc
     console.print(f"synthetic dataset: {path} ({args.n} clips)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``tta data`` with ``argv`` (the arguments after ``data``); returns the exit code."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run ``tta data`` with ``argv`` (the arguments after ``data``); returns the exit code.
+
+    A refused input prints one line (`tta.utils.errors.run_guarded`): exit 2 for bad usage or a
+    path that does not exist, 1 for bad data or metadata."""
+    from tta.utils.errors import run_guarded
+    from tta.utils.logs import setup_logging
+
+    setup_logging()
     args = build_parser().parse_args(argv)
     console = Console()
-    try:
-        if args.command == "synth":
-            return _cmd_synth(args, console)
-        if args.command == "manifest":
-            return _cmd_manifest(args, console)
-        return _cmd_check(args, console)
-    except (ManifestError, MetadataError, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
+    from tta.data.customize import run_customize
+
+    commands = {"synth": _cmd_synth, "manifest": _cmd_manifest, "check": _cmd_check,
+                "customize": lambda a, _console: run_customize(a)}
+    return run_guarded(f"data {args.command}", lambda: commands[args.command](args, console))

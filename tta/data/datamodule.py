@@ -1,9 +1,12 @@
 """Audio datamodule: manifest (or the synthetic default) -> (waveform segment, log-mel) batches.
 
 - Splits come from the manifest's ``split`` field.
-- Bad clips are skipped, never zero-filled: headers are checked in ``setup`` and clips that fail
-  to decode later are dropped from their batch; both are counted and logged, and more than
-  ``max_bad_fraction`` of a split being unusable aborts with the offending ids.
+- Bad clips are skipped, never zero-filled: headers are checked in ``setup`` (missing,
+  unreadable, truncated, empty, or shorter than the mel front-end can analyse:
+  `tta.data.check.mel_min_samples`) and clips that fail to decode later are dropped from their
+  batch; both are named, counted and logged, and more than ``max_bad_fraction`` of a split being
+  unusable aborts with the offending ids. ``pad_short_clips=True`` zero-pads too-short clips to
+  the minimum instead.
 - Mels of whole clips can be cached on disk (``cache_dir``); segments are cropped in the frame
   domain, so cached and uncached runs see identical data.
 - ``predict_dataloader`` (``tta predict``, e.g. feature extraction) yields every usable clip of
@@ -26,7 +29,8 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tta.data.audio import AudioLoadError, load_audio
+from tta.data.audio import AudioLoadError, load_audio, truncation
+from tta.data.check import mel_min_samples, resampled_length
 from tta.data.manifest import ManifestItem, read_manifest
 from tta.data.mel import MelConfig, MelFrontend
 from tta.data.sampling import EpochSampler, ResumableDataLoader
@@ -74,8 +78,11 @@ class ClipDataset(Dataset):
         random_crop: bool,
         cache_dir: Path | None = None,
         first_caption: bool = False,
+        pad_short_clips: bool = False,
     ) -> None:
         self.items = items
+        self.pad_short_clips = pad_short_clips
+        self.min_samples = mel_min_samples(mel)
         self.first_caption = first_caption
         self.mel_config = mel
         self.frontend = MelFrontend.from_config(mel)
@@ -97,9 +104,11 @@ class ClipDataset(Dataset):
         """Whole-clip waveform and log-mel (mel from the cache when enabled)."""
         wav, _ = load_audio(item.audio, target_sr=self.mel_config.sample_rate)
         hop = self.mel_config.hop_length
+        if wav.shape[0] < self.min_samples:
+            if not self.pad_short_clips:
+                raise AudioLoadError(item.audio, _too_short(wav.shape[0], self.min_samples, self.mel_config))
+            wav = torch.nn.functional.pad(wav, (0, self.min_samples - wav.shape[0]))
         wav = wav[: (wav.shape[0] // hop) * hop]
-        if wav.shape[0] == 0:
-            raise AudioLoadError(item.audio, f"shorter than one hop ({hop} samples)")
         if self.cache_dir is None:
             return wav, self.frontend(wav)[0]
         path = self._cache_path(item)
@@ -140,6 +149,12 @@ class ClipDataset(Dataset):
                 "captions": list(item.captions), "labels": list(item.labels)}
 
 
+def _too_short(samples: int, minimum: int, mel: MelConfig) -> str:
+    return (f"too short for the mel front-end: {samples} samples at {mel.sample_rate} Hz, it needs at least "
+            f"{minimum} (n_fft {mel.n_fft}, hop {mel.hop_length}); run `tta data check`, or set "
+            "pad_short_clips=true to zero-pad such clips")
+
+
 def collate_clips(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack clips, dropping the ones that failed to load (counted in ``n_skipped``)."""
     good = [b for b in batch if b is not None]
@@ -167,6 +182,8 @@ class AudioDataModule(L.LightningDataModule):
         data_dir: where the synthetic dataset is written (default ``$TTA_CACHE/synth/...``).
         cache_dir: enable the on-disk mel cache in this directory.
         max_bad_fraction: abort when more than this fraction of a split is unusable.
+        pad_short_clips: zero-pad clips shorter than the mel front-end's minimum
+            (`tta.data.check.mel_min_samples`) instead of refusing them.
         predict_splits: manifest splits served by ``predict_dataloader`` (None: every clip).
     """
 
@@ -186,6 +203,7 @@ class AudioDataModule(L.LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         predict_splits: list[str] | None = None,
+        pad_short_clips: bool = False,
     ) -> None:
         super().__init__()
         self.manifest = manifest
@@ -202,6 +220,7 @@ class AudioDataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.predict_splits = None if predict_splits is None else list(predict_splits)
+        self.pad_short_clips = pad_short_clips
         self.datasets: dict[str, ClipDataset] = {}
         self.skipped = {"header": 0, "decode": 0}
         self._train_loader: ResumableDataLoader | None = None
@@ -223,14 +242,22 @@ class AudioDataModule(L.LightningDataModule):
 
     def _usable(self, items: list[ManifestItem], split: str) -> list[ManifestItem]:
         good, bad = [], []
+        minimum = mel_min_samples(self.mel_config)
         for item in items:
             try:
+                reason = truncation(item.audio)
                 info = sf.info(str(item.audio))
-                ok = info.frames > 0
             except (RuntimeError, OSError, sf.LibsndfileError) as exc:  # unreadable header / missing file
-                log.warning("clip %s (%s) is unreadable: %s", item.id, item.audio, exc)
-                ok = False
-            (good if ok else bad).append(item)
+                reason = f"unreadable: {exc}"
+            else:
+                samples = resampled_length(int(info.frames), int(info.samplerate), self.mel_config.sample_rate)
+                if info.frames == 0:
+                    reason = "zero-length audio"
+                elif reason is None and samples < minimum and not self.pad_short_clips:
+                    reason = _too_short(samples, minimum, self.mel_config)
+            if reason is not None:
+                log.warning("clip %s (%s) is unusable: %s", item.id, item.audio, reason)
+            (good if reason is None else bad).append(item)
         self.skipped["header"] += len(bad)
         if bad:
             log.warning("%s split: %d of %d clips unusable and skipped", split, len(bad), len(items))
@@ -249,7 +276,8 @@ class AudioDataModule(L.LightningDataModule):
                 chosen = [i for i in items if i.split == split]
                 chosen = self._usable(chosen, split)
                 self.datasets[role] = ClipDataset(
-                    chosen, self.mel_config, self.segment_frames, random_crop=(role == "train"), cache_dir=self.cache_dir
+                    chosen, self.mel_config, self.segment_frames, random_crop=(role == "train"), cache_dir=self.cache_dir,
+                    pad_short_clips=self.pad_short_clips,
                 )
             if not self.datasets["train"].items and stage in (None, "fit"):
                 raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
@@ -264,7 +292,8 @@ class AudioDataModule(L.LightningDataModule):
         if not chosen:
             raise ValueError(f"manifest {self.manifest_path()} has no usable clip in predict splits {name!r}")
         self.datasets["predict"] = ClipDataset(
-            chosen, self.mel_config, self.segment_frames, random_crop=False, cache_dir=self.cache_dir, first_caption=True
+            chosen, self.mel_config, self.segment_frames, random_crop=False, cache_dir=self.cache_dir, first_caption=True,
+            pad_short_clips=self.pad_short_clips,
         )
 
     # ----------------------------------------------------------- dataloaders

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from tta.evaluation.core import DEFAULT_METRICS, METRICS
+from tta.utils.errors import check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, by name, thresholds and sizes that are not finite or out of range (a NaN silence
+    threshold would disable the silence guard)."""
+    check_float("--silence-threshold", args.silence_threshold, low=0.0)
+    check_int("--batch-size", args.batch_size)
+    if args.seconds is not None:
+        check_float("--seconds", args.seconds, low=0.0, low_open=True)
+    if args.guidance is not None:
+        check_float("--guidance", args.guidance)
+    if args.steps is not None:
+        check_int("--steps", args.steps)
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``tta eval``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    check_arguments(args)
     from tta.evaluation.core import evaluate
     from tta.metrics.embedders import CLAPAudioEmbedder, build_embedder
 

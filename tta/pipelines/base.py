@@ -35,6 +35,7 @@ from torch import nn
 from tta.data.mel import MelConfig
 from tta.pipelines.guard import check_output
 from tta.registry import components
+from tta.utils.errors import check_float, check_int
 from tta.utils.pipeline_folder import FORMAT, PIPELINE_FILE, VOCODER, component_state, model_state, read_pipeline_meta
 from tta.vocoders.base import Vocoder
 from tta.vocoders.factory import check_composition
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 #: the component file holding every generator weight no declared component takes
 REST = "conditioners"
 DEFAULTS = {"steps": 200, "sampler": "ddim", "guidance": 3.5, "candidates": 1}
+#: seconds: the longest clip a pipeline generates unless its folder's ``defaults.max_duration`` says otherwise
+MAX_DURATION = 327.68
 
 
 @dataclass
@@ -126,6 +129,18 @@ class Pipeline:
                 part.to(device)
         return self
 
+    @property
+    def max_duration(self) -> float:
+        """The longest clip (seconds) generated in one pass: the folder's ``defaults.max_duration``,
+        else `MAX_DURATION` (latents and attention grow with the duration; longer clips are
+        refused by name instead of failing in an allocation)."""
+        return float(self.defaults.get("max_duration", MAX_DURATION))
+
+    def check_duration(self, duration: Any, name: str = "duration") -> float:
+        """``duration`` if finite and in (0, `max_duration`], else `UsageError` naming ``name`` and the bound."""
+        return check_float(name, duration, low=0.0, low_open=True, high=self.max_duration,
+                           what_high="the pipeline's max_duration")
+
     def frames_for(self, duration: float) -> int:
         """Mel frames covering ``duration`` seconds."""
         return self.generator.frames_for(duration)
@@ -145,10 +160,11 @@ class Pipeline:
             if len(seed) != len(prompts):
                 raise ValueError(f"seed: {len(seed)} seeds given for {len(prompts)} prompts (one per prompt)")
         d = self.defaults
-        steps, guidance = int(steps or d["steps"]), float(guidance if guidance is not None else d["guidance"])
-        sampler, n = sampler or d["sampler"], int(candidates or d["candidates"])
-        if n < 1:
-            raise ValueError(f"candidates must be >= 1, got {n}")
+        steps = check_int("steps", d["steps"] if steps is None else steps)
+        guidance = check_float("guidance", d["guidance"] if guidance is None else guidance)
+        n = check_int("candidates", d["candidates"] if candidates is None else candidates)
+        sampler = d["sampler"] if sampler is None else sampler
+        self.check_duration(duration)
         mel, extras = self.sample(prompts, self.frames_for(duration), steps=steps, sampler=sampler, guidance=guidance,
                                   seed=seed, candidates=n, duration=duration, **inputs)
         wav = self.vocode(mel, duration)

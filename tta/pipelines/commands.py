@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tta.generators.noise import DDPMProcess, RectifiedFlow
+from tta.utils.errors import UsageError, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         lines = args.prompts.read_text(encoding="utf-8").splitlines()
         prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError("no prompts: give them as arguments, with --prompts FILE or with --manifest FILE")
+        raise UsageError("no prompts: give them as arguments, with --prompts FILE or with --manifest FILE")
     return prompts
 
 
@@ -105,10 +106,8 @@ def manifest_jobs(args: argparse.Namespace) -> list[Job]:
     from tta.utils.plots import safe_name
 
     if args.prompt or args.prompts is not None:
-        raise ValueError("--manifest takes the prompts from the manifest: give no prompts and no --prompts")
+        raise UsageError("--manifest takes the prompts from the manifest: give no prompts and no --prompts")
     k = 0 if args.caption_index is None else args.caption_index
-    if k < 0:
-        raise ValueError(f"--caption-index must be >= 0, got {k}")
     items = select_split(read_manifest(args.manifest), args.split, args.manifest)
     jobs, stems = [], {}
     for item in items:
@@ -129,8 +128,7 @@ def manifest_jobs(args: argparse.Namespace) -> list[Job]:
 
 def batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     """Batches of at most ``size`` clips of one duration each (in order of first appearance)."""
-    if size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {size}")
+    check_int("--batch-size", size)
     by_duration: dict[float, list[Job]] = {}
     for job in jobs:
         by_duration.setdefault(job.duration, []).append(job)
@@ -144,10 +142,11 @@ def generate(args: argparse.Namespace) -> int:
     (rows in prompt / manifest order)."""
     from tta.pipelines.base import load_pipeline
 
-    if args.manifest is None and (args.split is not None or args.caption_index is not None):
-        raise ValueError("--split and --caption-index select manifest items: they need --manifest")
+    check_arguments(args)
     jobs = prompt_jobs(args) if args.manifest is None else manifest_jobs(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
+    for job in jobs:
+        pipe.check_duration(job.duration, "--duration" if args.duration is not None else f"duration of item {job.id!r}")
     if args.rerank_clap is not None:
         from tta.encoders.clap_towers import load_clap_network
 
@@ -175,27 +174,63 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, by name, option values no pipeline can use (the duration's upper bound is checked
+    against the loaded pipeline's ``max_duration``); nothing given is replaced by a default."""
+    if args.manifest is None and (args.split is not None or args.caption_index is not None):
+        raise UsageError("--split and --caption-index select manifest items: they need --manifest")
+    for name, value, minimum in (("--steps", args.steps, 1), ("--candidates", args.candidates, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--caption-index", args.caption_index, 0)):
+        if value is not None:
+            check_int(name, value, minimum)
+    if args.guidance is not None:
+        check_float("--guidance", args.guidance)
+    if args.duration is not None:
+        check_float("--duration", args.duration, low=0.0, low_open=True)
+    if args.strength is not None:
+        if args.init_audio is None:
+            raise UsageError("--strength needs --init-audio (the audio to edit)")
+        check_float("--strength", args.strength, low=0.0, low_open=True, high=1.0)
+
+
+def check_index_clap(index: Path, clap: Any, what: str) -> None:
+    """Refuse an index built with another CLAP than ``clap`` (`tta.retrieval.compat`)."""
+    from tta.retrieval.compat import check_embedding_content, clap_content_hashes
+    from tta.retrieval.index import META_FILE
+
+    meta_path = Path(index) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"--index {index}: no index there (missing {META_FILE}); build one with `tta index build`")
+    check_embedding_content(json.loads(meta_path.read_text()), clap_content_hashes(clap), str(index), what)
+
+
 def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     """The latent-diffusion options: ``--index`` (Re-AudioLDM's datastore), ``--init-audio`` /
     ``--strength`` (style transfer)."""
     if args.index is not None:
         retrieval = getattr(getattr(pipe.generator, "model", None), "retrieval", None)
         if retrieval is None:
-            raise ValueError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
+            raise UsageError(f"--index given but the pipeline {args.pipeline} does not retrieve (plain AudioLDM)")
+        check_index_clap(args.index, pipe.generator.model.text.clap, f"the CLAP of pipeline {args.pipeline}")
         retrieval.use_index(str(args.index))
     if args.init_audio is not None:
         from tta.data.audio import load_audio
 
         init_audio, _ = load_audio(args.init_audio, pipe.sample_rate)
         return {"init_audio": init_audio, "strength": 0.5 if args.strength is None else args.strength}
-    if args.strength is not None:
-        raise ValueError("--strength needs --init-audio (the audio to edit)")
     return {}
 
 
 def main(argv: list[str]) -> int:
     """``tta generate ...``."""
     return generate(_parser().parse_args(argv))
+
+
+def _check_defaults(args: argparse.Namespace) -> None:
+    """The sampling defaults a folder records: ``--steps`` >= 1, a finite ``--guidance``."""
+    if args.steps is not None:
+        check_int("--steps", args.steps)
+    check_float("--guidance", args.guidance)
 
 
 def export_main(argv: list[str]) -> int:
@@ -211,6 +246,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--guidance", type=float, default=3.5)
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler (default: the noise process's)")
     args = p.parse_args(argv)
+    _check_defaults(args)
     export_pipeline(args.checkpoint, args.out, vocoder=args.vocoder, use_ema=not args.no_ema,
                     defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
     return 0
@@ -233,6 +269,7 @@ def import_audioldm_main(argv: list[str]) -> int:
     p.add_argument("--guidance", type=float, default=IMPORT_DEFAULTS["guidance"])
     p.add_argument("--sampler", default="ddim", choices=DDPMProcess.samplers)
     args = p.parse_args(argv)
+    _check_defaults(args)
     import_audioldm(args.folder, args.out, mel=args.mel, text_max_length=args.text_max_length,
                     defaults={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
     return 0

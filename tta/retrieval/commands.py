@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tta.utils.errors import check_int
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +19,7 @@ log = logging.getLogger(__name__)
 def build(args: argparse.Namespace) -> int:
     """Embed the manifest, write the index, the id map, metadata and the neighbour table."""
     from tta.encoders.clap_towers import load_clap_network
+    from tta.retrieval.compat import CONTENT_KEY, clap_content_hashes
     from tta.retrieval.embed import embed_manifest, file_hash
     from tta.retrieval.index import IndexSpec, build_index
     from tta.retrieval.neighbours import build_neighbour_table, save_neighbour_table
@@ -26,6 +30,7 @@ def build(args: argparse.Namespace) -> int:
     spec = IndexSpec(**({"type": args.type} if args.type else {}), **knobs)
     meta = {
         "embedding_model": file_hash(args.clap),
+        CONTENT_KEY: clap_content_hashes(clap),
         "embedding_checkpoint": str(Path(args.clap).resolve()),
         "dim": int(store.audio.shape[1]),
         "manifest": str(Path(args.manifest).resolve()),
@@ -43,35 +48,55 @@ def build(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    """Print the top-k clips for a text query."""
+    """Print the top-k clips of each text query (full ids; ``--json``: one JSON document), the CLAP
+    loaded once; a CLAP whose towers differ from the index's (`tta.retrieval.compat`) is refused."""
+    from tta.encoders.clap_towers import load_clap_network
+    from tta.retrieval.compat import CONTENT_KEY, check_embedding_content, clap_content_hashes
+    from tta.retrieval.embed import file_hash
+    from tta.retrieval.index import META_FILE, EmbeddingIndex
+
+    check_int("-k", args.k)
+    meta_path = Path(args.index) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no index in {args.index} (missing {META_FILE}); build one with `tta index build`")
+    meta = json.loads(meta_path.read_text())
+    ckpt = Path(args.clap or meta.get("embedding_checkpoint", ""))
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"CLAP checkpoint {ckpt} not found; pass --clap")
+    clap = load_clap_network(ckpt)
+    if meta.get(CONTENT_KEY):
+        check_embedding_content(meta, clap_content_hashes(clap), str(args.index), f"CLAP {ckpt}")
+        index = EmbeddingIndex.load(args.index)
+    else:  # an index from before content hashes: the checkpoint file's hash
+        index = EmbeddingIndex.load(args.index, expect_model_hash=file_hash(ckpt))
+    with torch.no_grad():
+        query = clap.embed_text(list(args.query)).float().numpy()
+    ids, scores = index.search(np.ascontiguousarray(query, dtype=np.float32), k=args.k)
+    captions = json.loads((Path(args.index) / "captions.json").read_text())
+    results = [{"query": q, "results": [{"rank": r, "id": i, "score": round(float(sc), 6), "caption": captions.get(i, "")}
+                                        for r, (i, sc) in enumerate(zip(row_ids, row_scores), start=1)]}
+               for q, row_ids, row_scores in zip(args.query, ids, scores)]
+    if args.json:
+        sys.stdout.write(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+        return 0
     from rich.console import Console
     from rich.table import Table
 
-    from tta.encoders.clap_towers import load_clap_network
-    from tta.retrieval.embed import file_hash
-    from tta.retrieval.index import EmbeddingIndex
-
-    meta = json.loads((Path(args.index) / "meta.json").read_text())
-    ckpt = Path(args.clap or meta.get("meta", meta).get("embedding_checkpoint", ""))
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"CLAP checkpoint {ckpt} not found; pass --clap")
-    index = EmbeddingIndex.load(args.index, expect_model_hash=file_hash(ckpt))
-    clap = load_clap_network(ckpt)
-    with torch.no_grad():
-        query = clap.embed_text([args.query]).float().numpy()
-    ids, scores = index.search(np.ascontiguousarray(query, dtype=np.float32), k=args.k)
-    captions = json.loads((Path(args.index) / "captions.json").read_text())
-    table = Table(title=f"top {args.k} for {args.query!r}")
-    for col in ("rank", "id", "score", "caption"):
-        table.add_column(col)
-    for rank, (i, s) in enumerate(zip(ids[0], scores[0]), start=1):
-        table.add_row(str(rank), i, f"{float(s):.4f}", captions.get(i, ""))
-    Console().print(table)
+    console = Console()
+    for res in results:
+        table = Table(title=f"top {args.k} for {res['query']!r}")
+        table.add_column("rank")
+        table.add_column("id", overflow="fold")  # ids are never cut: wrapped onto more lines if needed
+        table.add_column("score")
+        table.add_column("caption", overflow="fold")
+        for hit in res["results"]:
+            table.add_row(str(hit["rank"]), hit["id"], f"{hit['score']:.4f}", hit["caption"])
+        console.print(table)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    """``tta index build ...`` / ``tta index search DIR "query" -k 10``."""
+    """``tta index build ...`` / ``tta index search DIR "query" ["query" ...] -k 10 [--json]``."""
     parser = argparse.ArgumentParser(prog="tta index")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="embed a manifest with a CLAP checkpoint and index it")
@@ -91,8 +116,9 @@ def main(argv: list[str]) -> int:
     b.add_argument("--neighbours", type=int, default=50, help="neighbours per clip in the table")
     s = sub.add_parser("search", help="query an index with text")
     s.add_argument("index", type=Path)
-    s.add_argument("query")
+    s.add_argument("query", nargs="+", help="one or more text queries (one CLAP load for all)")
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--json", action="store_true", help="print the results as JSON (query, rank, id, score, caption)")
     s.add_argument("--clap", type=Path, default=None, help="CLAP checkpoint (default: the one recorded)")
     args = parser.parse_args(argv)
     return build(args) if args.command == "build" else search(args)

@@ -36,7 +36,9 @@ INDEX_TYPES = ("flat", "ivf", "ivfsq", "ivfpq", "ivfrabitq", "hnsw")
 FORMAT = "tta-index/1"
 META_FILE, IDS_FILE, VECTORS_FILE = "meta.json", "ids.json", "vectors.npy"
 HASH_KEY = "embedding_model"  # meta key holding the embedding model's hash
-_OWN_KEYS = ("format", "spec", "shards", "shard_files", "faiss_version", "calibration", "vectors_file", "build_seconds")
+CONTENT_KEY = "embedding_content"  # meta key: `tta.retrieval.compat.clap_content_hashes` of the embedding model
+_OWN_KEYS = ("format", "spec", "shards", "shard_files", "faiss_version", "calibration", "vectors_file", "build_seconds",
+             "search_device")
 _SQ_TYPES = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit"}
 _DEFAULT_NBITS = {"ivfsq": 8, "ivfpq": 8, "ivfrabitq": 7}
 _NORM_TOL = 1e-2  # bf16 CLAP outputs are normalised only to ~1e-3
@@ -45,6 +47,7 @@ _CHUNK = 65536
 
 class IndexMismatchError(ValueError):
     """An index was built with another embedding model or dimension than the caller expects."""
+
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,12 @@ class EmbeddingIndex:
         return list(self._shards)
 
     @property
+    def search_device(self) -> str:
+        """Where searches run: ``"gpu"`` when faiss-gpu took the shards, else ``"cpu"`` (``spec.use_gpu``
+        only asks for a GPU; ``meta.json`` records this, the device actually used)."""
+        return "cpu" if all(a is b for a, b in zip(self._search_shards, self._shards)) else "gpu"
+
+    @property
     def dim(self) -> int:
         """Embedding dimension."""
         return int(self.meta["dim"])
@@ -352,7 +361,7 @@ class EmbeddingIndex:
         if self.vectors is not None:
             with atomic_path(directory / VECTORS_FILE) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(self.vectors, dtype=np.float32))
-        meta = dict(self.meta, spec=asdict(self.spec), shards=n,
+        meta = dict(self.meta, spec=asdict(self.spec), shards=n, search_device=self.search_device,
                     vectors_file=VECTORS_FILE if self.vectors is not None else None,
                     shard_files=[{"file": f, "count": int(s.ntotal)} for f, s in zip(files, self._shards)])
         with atomic_path(directory / META_FILE) as tmp:

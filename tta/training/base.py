@@ -91,6 +91,8 @@ class TTAModule(L.LightningModule):
         return pairs + [(None, None)] * (n - len(pairs))
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.is_global_zero:
+            _remove_stale_checkpoint_temporaries(self.trainer)
         dm = self.trainer.datamodule if self._trainer is not None else None
         dm_mel = getattr(dm, "mel_config", None)
         if dm_mel is not None:
@@ -127,6 +129,32 @@ class TTAModule(L.LightningModule):
         self.nan_skips_consecutive = 0
         self.log(f"train/grad_norm_{name}", grad_norm, on_step=True, prog_bar=False)
         return True
+
+    def finite_mean(self, per_sample: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        """Mean of the finite entries of a per-sample loss ``(B,)``: the clips of ``ids`` whose loss is
+        NaN/Inf are named in the log and appended to ``<default_root_dir>/nonfinite.jsonl`` (batch, ids,
+        values); the rest of the batch still trains. With no finite entry the result is non-finite, so
+        `guarded_step` skips the step and the ``nan_max_skips`` abort still applies."""
+        if per_sample.dim() != 1 or per_sample.shape[0] != len(ids):
+            raise ValueError(f"finite_mean needs one loss per clip: got shape {tuple(per_sample.shape)} "
+                             f"for {len(ids)} ids")
+        finite = torch.isfinite(per_sample.detach())
+        if bool(finite.all()):
+            return per_sample.mean()
+        bad = [(clip, float(v)) for clip, v, ok in zip(ids, per_sample.detach().cpu().tolist(), finite.tolist())
+               if not ok]
+        log.warning("non-finite loss at batch %d for clip(s) %s; %d of %d clips still train",
+                    self.batches_trained, ", ".join(c for c, _ in bad), int(finite.sum()), len(ids))
+        if self._trainer is not None and self.trainer.is_global_zero:
+            import json
+            from pathlib import Path
+
+            path = Path(self.trainer.default_root_dir) / "nonfinite.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"batch": self.batches_trained, "ids": [c for c, _ in bad],
+                                     "loss": [str(v) for _, v in bad]}) + "\n")
+        return per_sample[finite].mean() if bool(finite.any()) else per_sample.sum()
 
     def _skip(self, optimizer: Any, why: str) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -201,6 +229,22 @@ class TTAModule(L.LightningModule):
                     raise KeyError("checkpoint holds an EMA but the module was built with ema_decay=None")
                 self.ema = EMA(self.ema_target(), self.ema_decay)
             self.ema.load_state_dict(checkpoint["ema"])
+
+
+def _remove_stale_checkpoint_temporaries(trainer: L.Trainer) -> None:
+    """Remove (and log) the half-written checkpoint temporaries an interrupted run left in the
+    checkpoint folders and beside ``ckpt_path``."""
+    from pathlib import Path
+
+    from tta.utils.files import remove_stale_temporaries
+
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    ckpt_path = getattr(trainer, "ckpt_path", None)
+    if ckpt_path and Path(ckpt_path).is_file():
+        folders.add(Path(ckpt_path).parent)
+    for folder in sorted(folders):
+        for path in remove_stale_temporaries(folder):
+            log.warning("removed %s: a checkpoint write interrupted by an earlier run", path)
 
 
 def _get_rng_state() -> dict[str, Any]:

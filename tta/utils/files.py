@@ -49,3 +49,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_atomic_temporary(path: Path) -> bool:
+    """True for a file `atomic_path` writes before its rename (``.<name>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.name.count(".") >= 3
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `atomic_path` temporaries left in ``folder`` by a writer that was killed
+    (``kill -9`` during a checkpoint write); returns what was removed. Call it when no writer runs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and is_atomic_temporary(p))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

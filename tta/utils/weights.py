@@ -84,3 +84,18 @@ def describe_mismatch(missing: list[str] = (), unexpected: list[str] = (), shape
         if items:
             parts.append(f"{label} ({len(items)}): {sep.join(list(items)[:10])}")
     return " | ".join(parts)
+
+
+def state_hash(*modules: nn.Module) -> str:
+    """SHA-256 of the weights of ``modules`` (names, shapes and values; floating tensors as float32,
+    so the same weights hash alike in a checkpoint and in a pipeline folder, on any device)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().to("cpu")
+            t = t.float() if t.is_floating_point() else t
+            h.update(f"{n}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
