@@ -97,3 +97,59 @@ def build_module(config: dict[str, Any]) -> Any:
     from tta.training.loading import build_model
 
     return build_model(config)
+
+
+# --------------------------------------------------------------------------- DreamAudio
+def tiny_mrc_config(ctx_dim: int, latent: int = 4, **overrides: Any) -> dict[str, Any]:
+    """A tiny `MRCUNet` over ``latent`` channels whose prompt and reference captions are ``ctx_dim`` wide."""
+    args: dict[str, Any] = {"in_channels": latent, "out_channels": latent, "model_channels": 16, "channel_mult": [1, 2],
+                            "num_res_blocks": 1, "attention_resolutions": [2], "num_head_channels": 8, "num_groups": 8,
+                            "context_dims": {"prompt": ctx_dim}, "ref_context_dim": ctx_dim, **overrides}
+    return {"class_path": "mrc_unet", "init_args": args}
+
+
+def tiny_dreamaudio_config(t5: Path, ctx_dim: int, num_references: int = 3, reference_seconds: float = 1.0,
+                           **overrides: Any) -> dict[str, Any]:
+    """A ``dreamaudio`` model config: tiny MRC UNet and VAE (4 latent channels, factor 4, demo mel), the T5
+    folder ``t5`` (width ``ctx_dim``) for the prompt and, shared, the reference captions."""
+    vae = tiny_vae_config()
+    vae["init_args"]["ch_mult"] = [1, 2, 2]  # latents 4 x frames/4 x 20: cheap attention over R
+    init: dict[str, Any] = {
+        "unet": tiny_mrc_config(ctx_dim), "vae": vae, "scale_factor": 1.0, "mel": "demo",
+        "conditioners": {
+            "prompt": {"class_path": "text_token_context",
+                       "init_args": {"encoder": {"class_path": "t5_text",
+                                                 "init_args": {"path": str(t5), "max_length": 8}}}},
+            "refcap": {"class_path": "reference_captions", "init_args": {"dropout": 0.0}},
+            "references": {"class_path": "reference_latents", "init_args": {"channels": 4, "dropout": 0.0}}},
+        "cfg_dropout": {"prompt": 0.1}, "num_references": num_references, "reference_seconds": reference_seconds,
+        "lr": 2e-3, **overrides}
+    return {"class_path": "dreamaudio", "init_args": init}
+
+
+def customized_manifest(base: Path, out: Path, refs: int = 3, n: int = 6, seconds: float = 2.0) -> Path:
+    """A Customized-Concatenation set (``n`` items per split, ``refs`` references) of a 1-s-clip base manifest."""
+    from tta.data.customize import CustomizeConfig, build_customized
+
+    return build_customized(base, out, CustomizeConfig("concat", n=n, refs=refs, seconds=seconds, max_short=1.5,
+                                                       sample_rate=22050))
+
+
+def dreamaudio_overrides(path: Path, tmp_path: Path) -> list[str]:
+    """CLI overrides pointing a DreamAudio config at a tiny VAE checkpoint (on its mel, its latent
+    channels) and, for a Flan-T5 prompt encoder, a tiny T5 folder of the config's width (no width
+    is overridden); the conditioners are given whole (a dict entry cannot be set by a dotted flag)."""
+    import json
+
+    import yaml
+
+    from tests.hf_fixtures import make_t5_folder
+
+    model = yaml.safe_load(path.read_text())["model"]["init_args"]
+    vae, _ = component_checkpoints(tmp_path, mel=model["mel"])
+    conditioners = model["conditioners"]
+    encoder = conditioners["prompt"]["init_args"]["encoder"]
+    if encoder["class_path"] == "t5_text":
+        width = model["unet"]["init_args"]["context_dims"]["prompt"]
+        encoder["init_args"]["path"] = str(make_t5_folder(tmp_path / "t5", d_model=width))
+    return [f"--model.init_args.vae_checkpoint={vae}", "--model.init_args.conditioners=" + json.dumps(conditioners)]

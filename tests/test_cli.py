@@ -107,6 +107,10 @@ def test_every_config_instantiates(path: Path, tmp_path: Path) -> None:
         overrides.append(flag.replace(".path", ".max_length") + "=32")  # the tiny model has 64 positions
     if "audioldm" in path.name:  # frozen VAE / CLAP checkpoints and the retrieval store, tiny stand-ins
         overrides += ldm_overrides(path, tmp_path)
+    if "dreamaudio" in path.name:  # a frozen VAE checkpoint and the Flan-T5 folder, tiny stand-ins
+        from tests.ldm_fixtures import dreamaudio_overrides
+
+        overrides += dreamaudio_overrides(path, tmp_path)
     if path == CONFIGS / "clap_caption.yaml":  # a tiny GPT2 folder and CLAP checkpoint
         from tests.test_clap_caption import config_overrides
 

@@ -43,11 +43,13 @@ from tta.nn.unet_paths import STAGES, UNetResiduals, ZeroResidualProjections
 from tta.registry import register
 from tta.utils.weights import WeightMismatchError, describe_mismatch
 
-__all__ = ["PROMPT", "REFCAP", "MRCUNet", "ReferenceEncoder"]
+__all__ = ["PROMPT", "REFCAP", "REFERENCES", "MRCUNet", "ReferenceEncoder"]
 
 #: context name of the prompt (the default ``context_dims``) and of the reference captions E
 PROMPT = "prompt"
 REFCAP = "refcap"
+#: name of the reference latents R on the conditioners' "reference" route (``reference_dims``)
+REFERENCES = "references"
 _ENCODER_STAGES = ("down", "mid")
 
 Context = Mapping[str, tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -202,6 +204,12 @@ class MRCUNet(nn.Module):
         return self.unet.context_dims
 
     @property
+    def reference_dims(self) -> dict[str, int]:
+        """``{"references": ref_channels}``: the reference route a conditioner feeds (the
+        conditioners' ``reference={"references": (R, present)}``, see `forward`)."""
+        return {REFERENCES: self.ref_channels}
+
+    @property
     def downsample_factor(self) -> int:
         """H and W (of the latent and of the references) must be divisible by this."""
         return self.unet.downsample_factor
@@ -326,6 +334,24 @@ class MRCUNet(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
+    @staticmethod
+    def _unpack_reference(
+        reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        references: torch.Tensor | None,
+        reference_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, mask)`` of the route value ``{"references": (R, mask)}``."""
+        if references is not None or reference_mask is not None:
+            raise ValueError("MRCUNet: give the references either as reference={'references': (R, mask)} or as "
+                             "references= / reference_mask=, not both")
+        if set(reference) != {REFERENCES}:
+            raise ValueError(f"MRCUNet: reference must hold exactly {REFERENCES!r} (the reference latents R and "
+                             f"their presence mask), got {sorted(reference)}")
+        value = reference[REFERENCES]
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise ValueError(f"MRCUNet: reference[{REFERENCES!r}] must be (R (B, C, K*T_r, F), present (B,) bool)")
+        return value
+
     def forward(
         self,
         x: torch.Tensor,
@@ -334,6 +360,7 @@ class MRCUNet(nn.Module):
         context: Context | None = None,
         references: torch.Tensor | None = None,
         reference_mask: torch.Tensor | None = None,
+        reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Predict from the noisy latent, customised by the references.
 
@@ -346,9 +373,14 @@ class MRCUNet(nn.Module):
                 (no / dropped references) skips the reference path: the output is the UNet's.
             reference_mask: (B,) bool, False = that sample has no references (zero residuals),
                 e.g. reference dropping or the unconditional half of classifier-free guidance.
+            reference: the conditioners' form of the same, ``{"references": (R, reference_mask)}``
+                (the "reference" route of `tta.generators.conditioning`; what
+                `LatentDiffusion.unet_kwargs` passes); not together with ``references``.
         Returns:
             (B, out_channels, H, W).
         """
+        if reference is not None:
+            references, reference_mask = self._unpack_reference(reference, references, reference_mask)
         b = x.shape[0]
         unet = self.unet
         if references is None:

@@ -233,6 +233,20 @@ def pipeline_class(kind: str) -> type[Pipeline]:
     return served[kind]
 
 
+def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous tensors of a state dict, a tensor that shares storage with an earlier
+    one (tied weights, e.g. T5's input embedding under two names) copied: safetensors refuses
+    shared storage, and loading the copy fills the tied parameter with the same values."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone().contiguous() if (ptr in seen and value.numel()) else value.contiguous()
+        seen.add(ptr)
+    return out
+
+
 def write_components(generator: nn.Module, vocoder: nn.Module, out: Path) -> dict[str, str]:
     """Write the generator's declared components (the rest as `REST`) and the vocoder as
     safetensors files (keys as in the generator's state dict); their file names by component."""
@@ -241,7 +255,7 @@ def write_components(generator: nn.Module, vocoder: nn.Module, out: Path) -> dic
     from tta.utils.files import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
+    state = untied(generator.state_dict())
     names = {id(m): name for name, m in generator.named_modules()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for part, module in generator.components().items():
@@ -250,7 +264,7 @@ def write_components(generator: nn.Module, vocoder: nn.Module, out: Path) -> dic
         prefix = names[id(module)] + "."
         parts[part] = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
     parts[REST] = state
-    parts[VOCODER] = {k: v.detach().contiguous() for k, v in vocoder.state_dict().items()}
+    parts[VOCODER] = untied(vocoder.state_dict())
     files: dict[str, str] = {}
     for part, tensors in parts.items():
         files[part] = f"{part}.safetensors"

@@ -47,7 +47,8 @@ class TextToAudioPipeline(Pipeline):
     ``(len(prompts), T)`` at `sample_rate`, padded/cropped to ``duration``, with ``strength`` in
     (0, 1): AudioLDM's style transfer, that audio re-generated towards the prompts (small strength
     keeps more of it). ``conditioner_inputs``: what further conditioners read, one entry per prompt
-    (lists or batch-first tensors; repeated for the candidates). ``rerank_clap`` defaults to the model's own CLAP, which must then have an
+    (lists or batch-first tensors; repeated for the candidates). ``guidance_drop``: the
+    conditioners guidance's unconditional branch drops (default all). ``rerank_clap`` defaults to the model's own CLAP, which must then have an
     audio tower (imported public AudioLDM pipelines have only the text tower: give a full CLAP).
     """
 
@@ -57,7 +58,8 @@ class TextToAudioPipeline(Pipeline):
     def sample(self, prompts: list[str], frames: int, *, steps: int, sampler: str, guidance: float,
                seed: int | list[int], candidates: int, duration: float, noise: torch.Tensor | None = None,
                init_audio: torch.Tensor | None = None, strength: float = 1.0,
-               conditioner_inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+               conditioner_inputs: dict[str, Any] | None = None,
+               guidance_drop: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         gen, n = self.generator, candidates
         if isinstance(seed, list):
             noise = self.seeded_noise(seed, n, frames) if noise is None else noise
@@ -68,7 +70,8 @@ class TextToAudioPipeline(Pipeline):
         init_mel = None if init_audio is None else self._init_mel(init_audio, len(prompts), n, duration, frames)
         mel = gen.generate_mel(expanded, frames, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                neighbours=expanded_nb, noise=noise, init_mel=init_mel, strength=strength,
-                               inputs=_per_candidate(conditioner_inputs or {}, len(prompts), n))
+                               inputs=_per_candidate(conditioner_inputs or {}, len(prompts), n),
+                               guidance_drop=guidance_drop)
         return mel, {"neighbours": neighbours, "settings": {"strength": strength}}
 
     def seeded_noise(self, seeds: list[int], candidates: int, frames: int) -> torch.Tensor:
@@ -77,8 +80,9 @@ class TextToAudioPipeline(Pipeline):
         shape = (candidates, *self.generator.codec.latent_shape(frames))
         return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    def default_rerank_clap(self) -> nn.Module:
-        return self.generator.model.text.clap
+    def default_rerank_clap(self) -> nn.Module | None:
+        text = self.generator.model.text
+        return None if text is None else text.clap
 
     @classmethod
     def sampling_defaults(cls, generator: nn.Module, given: dict[str, Any] | None = None) -> dict[str, Any]:

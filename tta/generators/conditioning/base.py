@@ -7,7 +7,13 @@ its value on one of four routes:
 - ``"film"``: a vector ``(B, D)`` (the UNet's FiLM / class embedding; at most one per model);
 - ``"context"``: a cross-attention context ``(seq (B, L, D), mask (B, L))`` under its own name;
 - ``"concat"``: channels ``(B, C, H, W)`` concatenated to the denoiser's input latents;
-- ``"reference"``: ``(seq, mask)`` for a reference path (multi-reference UNets, DreamAudio).
+- ``"reference"``: ``(R, present)`` for a reference path (multi-reference UNets, DreamAudio):
+  ``R`` ``(B, C, K * T_r, F)`` the K reference latents concatenated along time and ``present``
+  ``(B,)`` bool (False: that sample has no references). The denoiser receives
+  ``reference={name: (R, present)}`` and must declare ``reference_dims[name] = C``
+  (`tta.nn.mrc_unet.MRCUNet`: ``{"references": C}``); rows whose ``present`` is False must
+  contribute exactly nothing, so the null (an all-False ``present``, the default) is the
+  no-reference model.
 
 Classifier-free guidance lives here too: each conditioner has its own training dropout
 probability (`dropout`) and its null (`null_value`), the unconditional value of the guidance
@@ -75,9 +81,10 @@ def _cat_pairs(a: dict[str, Pair], b: dict[str, Pair]) -> dict[str, Pair]:
 
 @dataclass
 class Conditioning:
-    """The values of a batch by route: FiLM vector ``(B, D)`` (or None), named contexts and
-    references ``name -> (seq (B, L, D), mask (B, L))``, named concat channels ``name -> (B, C, H, W)``
-    (concatenated to the latents in this order)."""
+    """The values of a batch by route: FiLM vector ``(B, D)`` (or None), named contexts
+    ``name -> (seq (B, L, D), mask (B, L))``, named references ``name -> (R (B, C, K*T_r, F),
+    present (B,))``, named concat channels ``name -> (B, C, H, W)`` (concatenated to the latents
+    in this order)."""
 
     film: torch.Tensor | None = None
     context: dict[str, Pair] = field(default_factory=dict)
@@ -120,8 +127,15 @@ class Conditioning:
             raise ValueError("cannot stack conditionings with different routes")
         film = None if self.film is None else torch.cat([self.film, other.film])
         concat = {name: torch.cat([x, other.concat[name]]) for name, x in self.concat.items()}
-        return Conditioning(film, _cat_pairs(self.context, other.context), concat,
-                            _cat_pairs(self.reference, other.reference))
+        reference = {name: _cat_same(value, other.reference[name], name) for name, value in self.reference.items()}
+        return Conditioning(film, _cat_pairs(self.context, other.context), concat, reference)
+
+
+def _cat_same(a: Pair, b: Pair, name: str) -> Pair:
+    """Stack two reference values along the batch (their other sizes must agree: no padding)."""
+    if a[0].shape[1:] != b[0].shape[1:] or a[1].shape[1:] != b[1].shape[1:]:
+        raise ValueError(f"cannot stack the references {name!r} of shapes {tuple(a[0].shape)} and {tuple(b[0].shape)}")
+    return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
 
 
 def _select(drop: torch.Tensor, null: Value, value: Value) -> Value:

@@ -46,7 +46,8 @@ class LatentAudioGenerator(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         """The parts a pipeline folder stores as separate files (the rest goes to ``conditioners``)."""
-        return {"unet": self.model.unet, "vae": self.codec, "clap": self.model.text.clap}
+        parts = {"unet": self.model.unet, "vae": self.codec}
+        return parts if self.model.text is None else {**parts, "clap": self.model.text.clap}
 
     def frames_for(self, seconds: float) -> int:
         """Mel frames covering ``seconds`` of audio (the vocoded waveform is then cropped to it)."""
@@ -73,7 +74,8 @@ class LatentAudioGenerator(nn.Module):
     def generate_mel(self, captions: list[str], frames: int, steps: int | None = 50, sampler: str | None = None,
                      guidance: float = 3.5, seed: int = 0, neighbours: list[list[str]] | None = None,
                      noise: torch.Tensor | None = None, init_mel: torch.Tensor | None = None,
-                     strength: float = 1.0, inputs: dict[str, Any] | None = None) -> torch.Tensor:
+                     strength: float = 1.0, inputs: dict[str, Any] | None = None,
+                     guidance_drop: Sequence[str] | None = None) -> torch.Tensor:
         """Log-mels ``(B, n_mels, frames)`` for ``captions``.
 
         Retrieval: the given ``neighbours``, or an index query with the prompts' CLAP text
@@ -81,7 +83,8 @@ class LatentAudioGenerator(nn.Module):
         the seeded draw; ``init_mel`` ``(B, n_mels, frames)`` with ``strength`` < 1: edit that audio
         towards the captions (AudioLDM's style transfer). ``sampler`` None: the noise process's
         default (DDIM for DDPM, Euler for flows); ``inputs``: further conditioner inputs (the keys
-        an extra conditioner reads).
+        an extra conditioner reads); ``guidance_drop``: the conditioners the unconditional branch
+        drops (all by default).
         """
         if neighbours is None:
             neighbours = self.query_neighbours(captions)
@@ -96,6 +99,6 @@ class LatentAudioGenerator(nn.Module):
             if tuple(init_mel.shape) != expected:
                 raise ValueError(f"init_mel has shape {tuple(init_mel.shape)}, expected {expected}")
             init = self.codec.encode(init_mel.to(self.device, torch.float32), sample=False)
-        z = self.model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, generator=g, noise=noise,
-                              init=init, strength=strength)
+        z = self.model.sample(cond, shape, steps=steps, sampler=sampler, guidance=guidance, guidance_drop=guidance_drop,
+                              generator=g, noise=noise, init=init, strength=strength)
         return self.codec.decode(z.to(next(self.codec.parameters()).dtype), frames)

@@ -7,12 +7,14 @@ process; the Lightning wrapper (`tta.generators.ldm.module`) trains it, the pipe
 Conditioners (`tta.generators.conditioning.Conditioner`) are submodules named by their keys, each
 on a route of the UNet:
 
-- ``"text"``: CLAP text embedding of the prompt -> FiLM (`ClapTextFiLM`);
+- ``"text"`` (optional; ``model.text`` is None without it, e.g. DreamAudio): CLAP text embedding
+  of the prompt -> FiLM (`ClapTextFiLM`);
 - ``"retrieval"`` (optional; ``model.retrieval`` is None without it): the k neighbours' features
   -> the ``"retrieval"`` cross-attention context (`RetrievalConditioner`); off or k = 0 gives
   plain AudioLDM;
-- any other: a context named after it (``unet.context_dims[name]``) or channels concatenated to
-  the latents (``unet.in_channels`` = latent + concat channels).
+- any other: a context named after it (``unet.context_dims[name]``), channels concatenated to
+  the latents (``unet.in_channels`` = latent + concat channels) or reference latents for a
+  reference path (``unet.reference_dims[name]``; passed as ``unet(..., reference={name: (R, present)})``).
 
 The noise process (`tta.generators.noise`) owns the training target and the samplers: DDPM
 (AudioLDM; eps or v) or rectified flow; the UNet sees its model timesteps (0..1000, larger is
@@ -23,7 +25,8 @@ probability (``cfg_dropout`` sets those not given one); at sampling the uncondit
 the conditioners named in ``guidance_drop`` (all by default).
 
 Latents whose time/frequency sizes are not multiples of the UNet's downsampling factor are padded
-with zeros before the UNet and cropped after it, so any duration can be trained and generated.
+with zeros before the UNet and cropped after it, so any duration can be trained and generated;
+reference latents are padded at their end the same way.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ def condition_inputs(captions: Inputs | Sequence[str], neighbours: Sequence[Sequ
     return {"captions": captions, "neighbours": neighbours, "film": film}
 
 
+def _pad_to(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``x`` (..., H, W) zero-padded at the end of H and W to multiples of ``factor``."""
+    ph, pw = (-x.shape[-2]) % factor, (-x.shape[-1]) % factor
+    return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
+
+
 class LatentDiffusion(ConditionedModel):
     """UNet + conditioners + noise process.
 
@@ -68,7 +77,7 @@ class LatentDiffusion(ConditionedModel):
             not given their own (a float for all, or ``{name: p}`` with 0 for names left out).
     """
 
-    optional_conditioners = ("retrieval",)
+    optional_conditioners = ("text", "retrieval")
 
     def __init__(
         self,
@@ -113,9 +122,10 @@ class LatentDiffusion(ConditionedModel):
         x = self.unet_input(x, cond)
         h, w = x.shape[-2:]
         f = self.factor
-        ph, pw = (-h) % f, (-w) % f
-        xp = F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
-        out = self.unet(xp, t, **self.unet_kwargs(cond))
+        kwargs = self.unet_kwargs(cond)
+        if "reference" in kwargs:
+            kwargs["reference"] = {name: (_pad_to(r, f), present) for name, (r, present) in kwargs["reference"].items()}
+        out = self.unet(_pad_to(x, f), t, **kwargs)
         return out[..., :h, :w]
 
     def unet_input(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:

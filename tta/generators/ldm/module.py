@@ -52,7 +52,9 @@ class LatentDiffusionModule(TTAModule):
         unet: the denoising network (`tta.nn.unet.UNetModel`).
         vae_checkpoint / vae + scale_factor: the frozen mel VAE (a ``vae`` checkpoint, or a
             network and its latent scale).
-        clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network).
+        clap_checkpoint / clap: the frozen CLAP (a ``clap_trainer`` checkpoint, or a network) of the
+            ``"text"`` FiLM conditioner; neither: no CLAP FiLM (the UNet's ``film_dim`` must be 0;
+            a model conditioned by its ``conditioners`` alone, e.g. DreamAudio).
         retrieval: Re-AudioLDM's retrieval conditioner (None: plain AudioLDM); the conditioner
             ``"retrieval"``.
         conditioners: further conditioners ``{name: Conditioner}`` (``class_path`` entries in a
@@ -131,8 +133,12 @@ class LatentDiffusionModule(TTAModule):
         if process is not None and ddpm.config() != DDPMProcess().config():
             raise ValueError("give either process or the DDPM arguments (num_train_timesteps, beta_start, "
                              "beta_end, beta_schedule, objective), not both")
-        self.model = LatentDiffusion(unet, self._conditioners(ClapTextFiLM(clap, film_null, film_scale), retrieval,
-                                                              conditioners), process or ddpm, cfg_dropout)
+        text = None if clap is None else ClapTextFiLM(clap, film_null, film_scale)
+        if text is None and retrieval is not None:
+            raise ValueError("retrieval queries the index with the prompt's CLAP text embedding: give "
+                             "clap_checkpoint or clap")
+        self.model = LatentDiffusion(unet, self._conditioners(text, retrieval, conditioners), process or ddpm,
+                                     cfg_dropout)
         self.film_source = self._check_film_source(film_source, clap)
         latent, concat = self.codec.latent_channels, self.model.concat_channels
         for attr, want in (("in_channels", latent + concat), ("out_channels", latent)):
@@ -166,10 +172,10 @@ class LatentDiffusionModule(TTAModule):
         return LatentCodec(vae, self.mel_config, scale)
 
     @staticmethod
-    def _conditioners(text: ClapTextFiLM, retrieval: RetrievalConditioner | None,
+    def _conditioners(text: ClapTextFiLM | None, retrieval: RetrievalConditioner | None,
                       extra: dict[str, Conditioner] | None) -> dict[str, Conditioner]:
-        """``{"text", "retrieval" (if any), *extra}``; an extra one may not take their names."""
-        own: dict[str, Conditioner] = {"text": text} if retrieval is None else {"text": text, "retrieval": retrieval}
+        """``{"text" (if any), "retrieval" (if any), *extra}``; an extra one may not take their names."""
+        own = {name: c for name, c in (("text", text), ("retrieval", retrieval)) if c is not None}
         clash = sorted({"text", "retrieval"} & set(extra or {}))
         if clash:
             raise ValueError(f"conditioners {clash} are built from this module's own arguments (clap/film_*, "
@@ -177,9 +183,11 @@ class LatentDiffusionModule(TTAModule):
         return {**own, **(extra or {})}
 
     @staticmethod
-    def _build_clap(path: str | None, clap: nn.Module | None) -> nn.Module:
-        if (path is None) == (clap is None):
-            raise ValueError("give exactly one of clap_checkpoint (a `clap_trainer` checkpoint) and clap (a network)")
+    def _build_clap(path: str | None, clap: nn.Module | None) -> nn.Module | None:
+        if path is None and clap is None:
+            return None  # no CLAP FiLM
+        if path is not None and clap is not None:
+            raise ValueError("give at most one of clap_checkpoint (a `clap_trainer` checkpoint) and clap (a network)")
         if path is not None:
             _, clap = load_trained_part(path, "clap", "CLAP")
         clap.requires_grad_(False)
@@ -188,9 +196,13 @@ class LatentDiffusionModule(TTAModule):
         return clap.eval()
 
     @staticmethod
-    def _check_film_source(source: str, clap: nn.Module) -> str:
+    def _check_film_source(source: str, clap: nn.Module | None) -> str:
         if source not in ("text", "audio"):
             raise ValueError(f"film_source must be 'text' or 'audio', got {source!r}")
+        if clap is None:
+            if source == "audio":
+                raise ValueError("film_source='audio' needs a CLAP (clap_checkpoint or clap); this model has no FiLM")
+            return source
         from tta.encoders.clap.text_only import ClapTextOnly
 
         if source == "audio" and isinstance(clap, ClapTextOnly):
@@ -200,7 +212,8 @@ class LatentDiffusionModule(TTAModule):
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
-        self.model.text.clap.eval()  # frozen: dropout/normalisation stay in inference mode
+        if self.model.text is not None:
+            self.model.text.clap.eval()  # frozen: dropout/normalisation stay in inference mode
         return self
 
     def init_unet_from(self, path: str) -> None:
@@ -226,7 +239,7 @@ class LatentDiffusionModule(TTAModule):
         target.update(source)
         self.model.unet.load_state_dict(target, strict=True)
         null = state.get("model.text.null")
-        if null is not None and self.model.text.null is not None:  # the trained unconditional FiLM vector too
+        if null is not None and self.model.text is not None and self.model.text.null is not None:  # the trained unconditional FiLM vector too
             if null.shape != self.model.text.null.shape:
                 raise KeyError(f"{path}: its learned null FiLM vector has shape {tuple(null.shape)}, "
                                f"this model's {tuple(self.model.text.null.shape)}")
@@ -271,7 +284,7 @@ class LatentDiffusionModule(TTAModule):
     def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The batch's FiLM embeddings for ``film_source="audio"`` (None: from the captions)."""
         if self.film_source == "text":
-            if not self.__dict__.get("_warned_uncaptioned") and any(c == "" for c in batch["caption"]):
+            if self.model.text is not None and not self.__dict__.get("_warned_uncaptioned") and any(c == "" for c in batch["caption"]):
                 self.__dict__["_warned_uncaptioned"] = True
                 log.warning("uncaptioned clips (e.g. %s) condition the text FiLM on an empty prompt; "
                             "film_source='audio' trains on such audio as AudioLDM does",
