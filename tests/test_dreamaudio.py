@@ -240,6 +240,23 @@ def test_pipeline_round_trip(t5: Path, batch: dict[str, Any], tmp_path: Path) ->
         parse_references(["nope.wav=a dog"])
     with pytest.raises(ValueError, match="trained with 3"):
         pipe("x", references=[refs[0]] * 4, **kw)
+    # the same through `tta generate --ref PATH=CAPTION`: one reference for every prompt
+    import json
+
+    from tta.cli import main as tta_main
+
+    out = tmp_path / "gen"
+    assert tta_main(["generate", "a bell rings twice", "--pipeline", str(folder), "--ref", f"{wav_path}=a bell rings",
+                     "--duration", "0.6", "--steps", "4", "--seed", "3", "--out", str(out)]) == 0
+    row = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
+    assert row["generation"]["references"] == [f"{wav_path}=a bell rings"]
+    from tta.data.audio import load_audio
+
+    cli_wav, _ = load_audio(out / row["audio"] if not Path(row["audio"]).is_absolute() else row["audio"])
+    api = pipe("a bell rings twice", references=[(str(wav_path), "a bell rings")], **kw)[0]
+    # the WAV clips at +-1 and rounds; the same seed and reference give the same audio otherwise
+    assert cli_wav.shape[-1] == api.shape[-1] and (cli_wav - api.clamp(-1, 1)).abs().mean() < 1e-3
+    assert tta_main(["generate", "x", "--pipeline", str(folder), "--ref", "no-caption.wav", "--out", str(out)]) == 2
 
 
 @pytest.mark.parametrize("path", DREAMAUDIO_CONFIGS, ids=[str(p.relative_to(CONFIGS)) for p in DREAMAUDIO_CONFIGS])

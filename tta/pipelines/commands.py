@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--device", default="cpu")
     p.add_argument("--index", type=Path, help="retrieve from this `tta index build` directory (Re-AudioLDM)")
+    p.add_argument("--ref", action="append", default=None, metavar="PATH=CAPTION",
+                   help="a reference clip and its caption for every prompt (DreamAudio pipelines; repeat for several)")
     p.add_argument("--allow-silent", action="store_true", help="write silent clips (with a warning) instead of failing")
     p.add_argument("--out", type=Path, default=Path("generations"))
     return p
@@ -155,7 +157,8 @@ def generate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"pipeline": str(args.pipeline),
               "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
-              "init_audio": None if args.init_audio is None else str(args.init_audio)}
+              "init_audio": None if args.init_audio is None else str(args.init_audio),
+              "references": args.ref}
     rows: dict[str, dict[str, Any]] = {}
     for batch in batches(jobs, args.batch_size):
         gen = pipe.generate([job.prompt for job in batch], duration=batch[0].duration, steps=args.steps,
@@ -206,7 +209,15 @@ def check_index_clap(index: Path, clap: Any, what: str) -> None:
 
 def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     """The latent-diffusion options: ``--index`` (Re-AudioLDM's datastore), ``--init-audio`` /
-    ``--strength`` (style transfer)."""
+    ``--strength`` (style transfer), ``--ref`` (DreamAudio's reference clips)."""
+    inputs: dict[str, Any] = {}
+    if args.ref:
+        from tta.pipelines.dreamaudio import DreamAudioPipeline, parse_references
+
+        if not isinstance(pipe, DreamAudioPipeline):
+            raise UsageError(f"--ref given but the pipeline {args.pipeline} ({type(pipe).__name__}) takes no "
+                             "reference clips (a DreamAudio pipeline does)")
+        inputs["references"] = parse_references(args.ref)
     if args.index is not None:
         retrieval = getattr(getattr(pipe.generator, "model", None), "retrieval", None)
         if retrieval is None:
@@ -217,8 +228,8 @@ def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
         from tta.data.audio import load_audio
 
         init_audio, _ = load_audio(args.init_audio, pipe.sample_rate)
-        return {"init_audio": init_audio, "strength": 0.5 if args.strength is None else args.strength}
-    return {}
+        inputs.update(init_audio=init_audio, strength=0.5 if args.strength is None else args.strength)
+    return inputs
 
 
 def main(argv: list[str]) -> int:
