@@ -41,3 +41,16 @@ def test_bad_metadata_names_file_and_line(tmp_path: Path) -> None:
         audioset_labels([], [segments], tmp_path / "cls.csv")
     with pytest.raises(FileNotFoundError, match="AudioSet metadata file not found"):
         audioset_labels([], [tmp_path / "absent.csv"], classes)
+
+
+def test_ontology_json_names_classes(tmp_path: Path) -> None:
+    import json
+
+    segments, _ = _files(tmp_path)
+    ontology = tmp_path / "ontology.json"
+    ontology.write_text(json.dumps([{"id": "/m/09x0r", "name": "Speech", "child_ids": []},
+                                    {"id": "/m/0bt9lr", "name": "Dog"}, {"id": "/m/05tny_", "name": "Bark"}]))
+    assert audioset_labels(["--4gqARaEJE"], [segments], ontology) == {"--4gqARaEJE": ["Dog", "Bark"]}
+    ontology.write_text('{"id": "/m/09x0r"}')
+    with pytest.raises(AudioSetMetadataError, match="must be a JSON list"):
+        audioset_labels(["--4gqARaEJE"], [segments], ontology)

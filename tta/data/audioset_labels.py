@@ -6,7 +6,8 @@ metadata, which the AudioCaps CSVs do not repeat:
 - segment lists (``balanced_train_segments.csv``, ``unbalanced_train_segments.csv``,
   ``eval_segments.csv``): ``# `` comment lines, then ``YTID, start_seconds, end_seconds,
   positive_labels`` with the labels a quoted comma-separated list of machine ids (``/m/09x0r``);
-- the class list ``class_labels_indices.csv``: ``index,mid,display_name``.
+- the class list ``class_labels_indices.csv`` (``index,mid,display_name``) or the ontology
+  ``ontology.json`` (``[{"id": "/m/09x0r", "name": "Speech", ...}, ...]``).
 
 `audioset_labels` maps YouTube ids to display names ("Speech", "Dog", ...). A machine id that the
 class list lacks is an error naming the segment file and line; a clip absent from every segment
@@ -16,6 +17,7 @@ list gets no labels and is reported by the caller.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,8 +37,11 @@ def _open(path: str | os.PathLike) -> Path:
 
 
 def read_class_labels(path: str | os.PathLike) -> dict[str, str]:
-    """``{mid: display_name}`` of ``class_labels_indices.csv``."""
+    """``{mid: display_name}`` of ``class_labels_indices.csv`` or of the AudioSet ontology
+    (``ontology.json``: a list of ``{"id", "name", ...}``)."""
     path = _open(path)
+    if path.suffix == ".json":
+        return _read_ontology(path)
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {"mid", "display_name"} - set(reader.fieldnames or ())
@@ -48,6 +53,21 @@ def read_class_labels(path: str | os.PathLike) -> dict[str, str]:
             if not mid or not name:
                 raise AudioSetMetadataError(f"{path}:{line}: empty mid or display_name")
             out[mid] = name
+    return out
+
+
+def _read_ontology(path: Path) -> dict[str, str]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AudioSetMetadataError(f"{path}: not a JSON ontology ({exc})") from exc
+    if not isinstance(entries, list):
+        raise AudioSetMetadataError(f"{path}: the ontology must be a JSON list of {{'id', 'name'}} objects")
+    out = {}
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("id") or not entry.get("name"):
+            raise AudioSetMetadataError(f"{path}: entry {k} has no 'id' and 'name'")
+        out[str(entry["id"])] = str(entry["name"])
     return out
 
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audioset-segments", type=Path, action="append",
                    help="audiocaps: an AudioSet segment list (e.g. unbalanced_train_segments.csv; repeat for "
                         "several), for the clips' AudioSet labels")
-    p.add_argument("--audioset-classes", type=Path, help="audiocaps: AudioSet's class_labels_indices.csv")
+    p.add_argument("--audioset-classes", type=Path, help="audiocaps: AudioSet's class_labels_indices.csv or ontology.json")
 
     p = sub.add_parser("check", help="validate the clips of a manifest")
     p.add_argument("manifest", type=Path)

@@ -9,7 +9,8 @@ extraction runs the ViT over every patch.
 2. 16 x 16 patches of the ``(frames, 128)`` image -> 64 x 8 = 512 tokens, fixed 2-D sin-cos
    position embeddings (first half of the channels: frequency index, second half: time index,
    as in the MAE code), a learned ``[CLS]`` token with a zero position;
-3. ViT-B: 12 pre-norm blocks of width 768 with 12 heads, final LayerNorm (about 85.3 M parameters);
+3. ViT-B: 12 pre-norm blocks of width 768 with 12 heads (timm's `Block`, as the official AudioMAE
+   code builds its encoder from timm), final LayerNorm (about 85.3 M parameters);
 4. ``seq`` = the normalised patch tokens ``(B, 512, 768)`` in time-major order (``[CLS]``
    dropped); ``pooled`` = their mean, reduced to ``out_dim`` (32, Re-AudioLDM's retrieval
    feature), or the 768-d mean itself when ``out_dim`` is None.
@@ -26,6 +27,7 @@ stored (the importer checks the checkpoint's copy against it).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +36,6 @@ from torch import nn
 
 from tta.encoders.base import AudioEmbedding, AudioEncoder
 from tta.encoders.cnn14 import build_frontend, check_waveform, fit_length
-from tta.encoders.htsat import Mlp
 from tta.registry import register
 
 log = logging.getLogger(__name__)
@@ -59,39 +60,6 @@ def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, c.flatten()), sincos_1d(dim // 2, r.flatten())], dim=1)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"Attention: width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping square patches of a one-channel image: ``(B, 1, H, W)`` -> ``(B, D, H/p, W/p)``."""
 
@@ -101,6 +69,16 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
+
+
+def vit_block(dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+    """timm's pre-norm ViT block as MAE / AudioMAE build it: fused ``qkv`` with bias, LayerNorm eps
+    1e-6, GELU MLP (state keys ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``)."""
+    from timm.models.vision_transformer import Block
+
+    if dim % num_heads:
+        raise ValueError(f"AudioMAE: width {dim} is not divisible by {num_heads} heads")
+    return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 @register("encoder", "audiomae")
@@ -161,7 +139,7 @@ class AudioMAE(AudioEncoder):
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(vit_block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if reduction not in REDUCTIONS:
             raise ValueError(f"AudioMAE.reduction must be one of {REDUCTIONS}, got {reduction!r}")

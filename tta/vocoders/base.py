@@ -8,6 +8,8 @@ generator trained on different mels (`MelConfig.check_compatible`).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -96,3 +98,29 @@ class Vocoder(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Vocode ``mel (B, n_mels, frames)`` into ``wav (B, frames * hop_length)``."""
         raise NotImplementedError
+
+
+def config_init_args(cls: type, config: Mapping[str, Any], renames: Mapping[str, str], ignored: frozenset[str],
+                     what: str, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Constructor arguments of ``cls`` from a published ``config.json`` dict: keys renamed by
+    ``renames`` (e.g. ``num_mels`` -> ``n_mels``), ``ignored`` (training / data keys) skipped; a key
+    naming no argument (``exclude`` ones included) raises `ValueError`, since it may change the
+    network, as does one argument given under two names."""
+    arg_names = set(inspect.signature(cls.__init__).parameters) - {"self"} - set(exclude)
+    args: dict[str, Any] = {}
+    unknown = []
+    for key, value in config.items():
+        if key in ignored:
+            continue
+        name = renames.get(key, key)
+        if name not in arg_names:
+            unknown.append(key)
+        elif name in args:
+            raise ValueError(f"{what} config gives {name!r} twice (under two names)")
+        else:
+            args[name] = value
+    if unknown:
+        known = sorted((arg_names - set(renames.values())) | set(renames))
+        raise ValueError(f"{what} config has unknown architecture keys {sorted(unknown)}; known keys: {known} "
+                         f"(ignored: training, data and discriminator keys)")
+    return args

@@ -30,7 +30,12 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 from tta.registry import register
-from tta.vocoders.hifigan.discriminators import LRELU_SLOPE, DiscriminatorOutput, _as_batch_channel_time, _scaled
+from tta.vocoders.hifigan.discriminators import (
+    DiscriminatorOutput,
+    as_batch_channel_time,
+    leaky_conv_stack,
+    scaled_width,
+)
 
 RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
 MRD_CHANNELS = 32
@@ -49,7 +54,7 @@ class ResolutionDiscriminator(nn.Module):
             raise ValueError(f"ResolutionDiscriminator: resolution {list(resolution)} needs hop_length and "
                              "win_length <= n_fft")
         norm = spectral_norm if use_spectral_norm else weight_norm
-        ch = _scaled(MRD_CHANNELS, channel_mult)
+        ch = scaled_width(MRD_CHANNELS, channel_mult)
         self.convs = nn.ModuleList([
             norm(nn.Conv2d(1, ch, (3, 9), padding=(1, 4))),
             *(norm(nn.Conv2d(ch, ch, (3, 9), stride=(1, 2), padding=(1, 4))) for _ in range(3)),
@@ -71,14 +76,7 @@ class ResolutionDiscriminator(nn.Module):
         return spec.abs()
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.spectrogram(_as_batch_channel_time(wav)).unsqueeze(1)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return torch.flatten(x, 1, -1), fmaps
+        return leaky_conv_stack(self.spectrogram(as_batch_channel_time(wav)).unsqueeze(1), self.convs, self.conv_post)
 
 
 @register("discriminator", "bigvgan_mrd")

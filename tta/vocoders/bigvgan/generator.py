@@ -15,21 +15,19 @@ before inference.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 from tta.data.mel import MelConfig
 from tta.registry import register
-from tta.vocoders.base import Vocoder
+from tta.vocoders.base import Vocoder, config_init_args
 from tta.vocoders.bigvgan.activations import ACTIVATIONS, AntiAliasActivation, snake_activation
 from tta.vocoders.hifigan.generator import NON_ARCHITECTURE_KEYS as HIFIGAN_NON_ARCHITECTURE_KEYS
+from tta.vocoders.weight_norm import WeightNormConvs
 
 # Keys of NVIDIA's BigVGAN config.json that do not describe the generator: HiFi-GAN's training /
 # data keys plus BigVGAN's discriminator, loss and kernel options (NVIDIA/BigVGAN v2.4 configs,
@@ -99,7 +97,7 @@ class AMPBlock2(nn.Module):
 
 
 @register("vocoder", "bigvgan_generator")
-class BigVGANGenerator(Vocoder):
+class BigVGANGenerator(WeightNormConvs, Vocoder):
     """BigVGAN generator: log-mel ``(B, n_mels, frames)`` -> waveform ``(B, frames * hop)``.
 
     ``hop = prod(upsample_rates)``; when a transposed conv has ``kernel - rate`` odd it yields a
@@ -178,23 +176,6 @@ class BigVGANGenerator(Vocoder):
         layers.append(self.conv_post)
         return layers
 
-    @property
-    def has_weight_norm(self) -> bool:
-        """Whether the convolutions are weight-norm parametrised."""
-        return parametrize.is_parametrized(self.conv_pre, "weight")
-
-    def apply_weight_norm(self) -> None:
-        """Parametrise every conv with weight norm (no-op for layers that already have it)."""
-        for layer in self._convs():
-            if not parametrize.is_parametrized(layer, "weight"):
-                weight_norm(layer)
-
-    def remove_weight_norm(self) -> None:
-        """Fold weight norm into plain weights (for inference); the output is unchanged."""
-        for layer in self._convs():
-            if parametrize.is_parametrized(layer, "weight"):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-
     def init_args(self) -> dict[str, Any]:
         """The architecture, the current weight-norm state and the mel front-end."""
         mel = self.mel_config.to_dict() if self.mel_config is not None else None
@@ -208,23 +189,8 @@ class BigVGANGenerator(Vocoder):
         (`NON_ARCHITECTURE_KEYS`) are ignored; any other unknown key raises `ValueError`, since
         it may change the network. ``kwargs`` go to the constructor (e.g. ``use_weight_norm``).
         """
-        arg_names = set(inspect.signature(cls.__init__).parameters) - {"self", "use_weight_norm", "mel_config"}
-        args: dict[str, Any] = {}
-        unknown = []
-        for key, value in config.items():
-            if key in NON_ARCHITECTURE_KEYS:
-                continue
-            name = _ORIGINAL_TO_ARG.get(key, key)
-            if name not in arg_names:
-                unknown.append(key)
-            elif name in args:
-                raise ValueError(f"BigVGAN config gives {name!r} twice (as num_mels and n_mels)")
-            else:
-                args[name] = value
-        if unknown:
-            known = sorted((arg_names - {"n_mels"}) | {"num_mels"})
-            raise ValueError(f"BigVGAN config has unknown architecture keys {sorted(unknown)}; known keys: {known} "
-                             "(training, data and discriminator keys are ignored)")
+        args = config_init_args(cls, config, _ORIGINAL_TO_ARG, NON_ARCHITECTURE_KEYS, "BigVGAN",
+                                exclude=frozenset({"use_weight_norm", "mel_config"}))
         args.update(kwargs)
         return cls(**args)
 

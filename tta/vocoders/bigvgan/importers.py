@@ -35,10 +35,10 @@ from tta.vocoders.bigvgan.activations import check_filters
 from tta.vocoders.bigvgan.generator import BigVGANGenerator
 from tta.vocoders.hifigan.importers import (
     VocoderWeightsNotFoundError,
-    _read_json,
-    _uses_weight_norm,
     mel_config_from_original,
     original_to_tta_state_dict,
+    read_json_config,
+    uses_weight_norm,
 )
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def load_bigvgan(
     if not weights_path.is_file():
         present = ", ".join(sorted(p.name for p in folder.iterdir())) or "(empty)"
         raise VocoderWeightsNotFoundError(f"no {GENERATOR_FILE} in {folder}; found: {present}")
-    config = _read_json(config_path)
+    config = read_json_config(config_path)
     found = mel_config_from_bigvgan(config, str(config_path), name=f"bigvgan:{folder.name}")
     wanted = resolve_mel_config(mel_config)
     if wanted is not None:
@@ -121,7 +121,7 @@ def load_bigvgan(
         found = wanted
     state = _generator_state(weights_path, map_location)
     try:
-        generator = BigVGANGenerator.from_config_dict(config, use_weight_norm=_uses_weight_norm(state, str(weights_path)))
+        generator = BigVGANGenerator.from_config_dict(config, use_weight_norm=uses_weight_norm(state, str(weights_path)))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: {exc}") from exc
     if generator.hop_length != found.hop_length:

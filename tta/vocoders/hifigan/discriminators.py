@@ -26,16 +26,32 @@ LRELU_SLOPE = 0.1
 DiscriminatorOutput = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
 
 
-def _scaled(channels: int, mult: float) -> int:
+def scaled_width(channels: int, mult: float) -> int:
+    """``channels * mult`` rounded, at least 1 (the ``channel_mult`` of the discriminators)."""
     return max(1, round(channels * mult))
 
 
-def _as_batch_channel_time(wav: torch.Tensor) -> torch.Tensor:
+def as_batch_channel_time(wav: torch.Tensor) -> torch.Tensor:
     if wav.dim() == 2:
         return wav.unsqueeze(1)
     if wav.dim() == 3 and wav.shape[1] == 1:
         return wav
     raise ValueError(f"discriminator expects a waveform (B, T) or (B, 1, T), got {tuple(wav.shape)}")
+
+
+def leaky_conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module, post_in_fmaps: bool = True,
+                     slope: float = LRELU_SLOPE) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``convs`` each followed by a leaky ReLU (``slope``: HiFi-GAN's 0.1), then ``post``: the flattened
+    logits ``(B, n)`` and the feature maps (every activation, plus ``post``'s map when
+    ``post_in_fmaps``: HiFi-GAN / BigVGAN include it, MelGAN does not)."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), slope)
+        fmaps.append(x)
+    x = post(x)
+    if post_in_fmaps:
+        fmaps.append(x)
+    return torch.flatten(x, 1, -1), fmaps
 
 
 class PeriodDiscriminator(nn.Module):
@@ -44,7 +60,7 @@ class PeriodDiscriminator(nn.Module):
     def __init__(self, period: int, channel_mult: float = 1.0, kernel_size: int = 5, stride: int = 3) -> None:
         super().__init__()
         self.period = period
-        widths = [1] + [_scaled(c, channel_mult) for c in (32, 128, 512, 1024, 1024)]
+        widths = [1] + [scaled_width(c, channel_mult) for c in (32, 128, 512, 1024, 1024)]
         pad = (kernel_size - 1) // 2
         self.convs = nn.ModuleList()
         for i in range(5):
@@ -54,7 +70,7 @@ class PeriodDiscriminator(nn.Module):
         self.conv_post = weight_norm(nn.Conv2d(widths[-1], 1, (3, 1), 1, padding=(1, 0)))
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = _as_batch_channel_time(wav)
+        x = as_batch_channel_time(wav)
         b, c, t = x.shape
         if t % self.period:
             n_pad = self.period - t % self.period
@@ -62,13 +78,7 @@ class PeriodDiscriminator(nn.Module):
             x = F.pad(x, (0, n_pad), mode=mode)
             t += n_pad
         x = x.view(b, c, t // self.period, self.period)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return torch.flatten(x, 1, -1), fmaps
+        return leaky_conv_stack(x, self.convs, self.conv_post)
 
 
 class ScaleDiscriminator(nn.Module):
@@ -84,21 +94,14 @@ class ScaleDiscriminator(nn.Module):
         self.convs = nn.ModuleList()
         in_ch = 1
         for out, kernel, stride, groups in self.LAYERS:
-            out_ch = _scaled(out, channel_mult)
+            out_ch = scaled_width(out, channel_mult)
             g = math.gcd(groups, math.gcd(in_ch, out_ch))
             self.convs.append(norm(nn.Conv1d(in_ch, out_ch, kernel, stride, groups=g, padding=(kernel - 1) // 2)))
             in_ch = out_ch
         self.conv_post = norm(nn.Conv1d(in_ch, 1, 3, 1, padding=1))
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = _as_batch_channel_time(wav)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return torch.flatten(x, 1, -1), fmaps
+        return leaky_conv_stack(as_batch_channel_time(wav), self.convs, self.conv_post)
 
 
 @register("discriminator", "hifigan_mpd")
@@ -149,7 +152,7 @@ class MultiScaleDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> DiscriminatorOutput:
         """``wav (B, T)`` -> (list of logits ``(B, n)``, list of feature-map lists)."""
-        x = _as_batch_channel_time(wav)
+        x = as_batch_channel_time(wav)
         logits, fmaps = [], []
         for i, d in enumerate(self.discriminators):
             if i > 0:

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 from tta.data.mel import MelConfig
 from tta.registry import register
-from tta.vocoders.base import Vocoder
+from tta.vocoders.base import Vocoder, config_init_args
+from tta.vocoders.weight_norm import WeightNormConvs
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ResBlock2(nn.Module):
 
 
 @register("vocoder", "hifigan_generator")
-class HiFiGANGenerator(Vocoder):
+class HiFiGANGenerator(WeightNormConvs, Vocoder):
     """HiFi-GAN generator: log-mel ``(B, n_mels, frames)`` -> waveform ``(B, frames * hop)``.
 
     ``hop = prod(upsample_rates)``. When an upsampling layer has ``kernel - rate`` odd (e.g.
@@ -209,23 +209,6 @@ class HiFiGANGenerator(Vocoder):
         layers.append(self.conv_post)
         return layers
 
-    @property
-    def has_weight_norm(self) -> bool:
-        """Whether the convolutions are weight-norm parametrised."""
-        return _has_weight_norm(self.conv_pre)
-
-    def apply_weight_norm(self) -> None:
-        """Parametrise every conv with weight norm (no-op for layers that already have it)."""
-        for layer in self._convs():
-            if not _has_weight_norm(layer):
-                weight_norm(layer)
-
-    def remove_weight_norm(self) -> None:
-        """Fold weight norm into plain weights (for inference); the output is unchanged."""
-        for layer in self._convs():
-            if _has_weight_norm(layer):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-
     def init_args(self) -> dict[str, Any]:
         """The architecture, the current weight-norm state and the mel front-end."""
         mel = self.mel_config.to_dict() if self.mel_config is not None else None
@@ -238,26 +221,7 @@ class HiFiGANGenerator(Vocoder):
         ``num_mels`` maps to ``n_mels``; unknown keys raise `ValueError` (they may change the
         architecture). ``kwargs`` are passed to the constructor (e.g. ``use_weight_norm``).
         """
-        import inspect
-
-        arg_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        args: dict[str, Any] = {}
-        unknown = []
-        for key, value in config.items():
-            name = _ORIGINAL_TO_ARG.get(key, key)
-            if key in NON_ARCHITECTURE_KEYS:
-                continue
-            if name not in arg_names:
-                unknown.append(key)
-                continue
-            if name in args:
-                raise ValueError(f"HiFi-GAN config gives {name!r} twice (as num_mels and n_mels)")
-            args[name] = value
-        if unknown:
-            raise ValueError(
-                f"HiFi-GAN config has unknown architecture keys {sorted(unknown)}; known keys: "
-                f"{sorted((arg_names - {'n_mels'}) | {'num_mels'})} (ignored: {sorted(NON_ARCHITECTURE_KEYS)})"
-            )
+        args = config_init_args(cls, config, _ORIGINAL_TO_ARG, NON_ARCHITECTURE_KEYS, "HiFi-GAN")
         args.update(kwargs)
         return cls(**args)
 

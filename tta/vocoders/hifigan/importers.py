@@ -22,7 +22,7 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class VocoderWeightsNotFoundError(FileNotFoundError):
     """Pretrained vocoder weights are not installed / not at the given path."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"vocoder config not found: {path}")
     try:
@@ -89,7 +89,7 @@ def tta_to_original_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def _uses_weight_norm(state: Mapping[str, torch.Tensor], source: str) -> bool:
+def uses_weight_norm(state: Mapping[str, torch.Tensor], source: str) -> bool:
     wn = any(k.endswith(".parametrizations.weight.original0") for k in state)
     plain = any(k.endswith(".weight") for k in state)
     if wn and plain:
@@ -152,6 +152,17 @@ def _find_generator_file(folder: Path) -> Path:
     )
 
 
+def locate_checkpoint(path: str | os.PathLike, find: Callable[[Path], Path], what: str) -> tuple[Path, Path]:
+    """``(folder, checkpoint file)`` of ``path``: a folder (its generator file found by ``find``) or
+    the file itself; `VocoderWeightsNotFoundError` naming ``what`` when neither exists."""
+    path = Path(path)
+    if path.is_dir():
+        return path, find(path)
+    if path.is_file():
+        return path.parent, path
+    raise VocoderWeightsNotFoundError(f"{what} not found: {path}")
+
+
 def load_original_hifigan(
     path: str | os.PathLike, inference: bool = True, map_location: str | torch.device = "cpu"
 ) -> HiFiGANGenerator:
@@ -160,15 +171,9 @@ def load_original_hifigan(
     The config is ``config.json`` beside the checkpoint. Returns the generator in eval mode with
     ``mel_config`` set from the config's audio keys.
     """
-    path = Path(path)
-    if path.is_dir():
-        folder, ckpt_path = path, _find_generator_file(path)
-    elif path.is_file():
-        folder, ckpt_path = path.parent, path
-    else:
-        raise VocoderWeightsNotFoundError(f"HiFi-GAN checkpoint or folder not found: {path}")
+    folder, ckpt_path = locate_checkpoint(path, _find_generator_file, "HiFi-GAN checkpoint or folder")
     config_path = folder / "config.json"
-    config = _read_json(config_path)
+    config = read_json_config(config_path)
     ckpt = load_checkpoint(ckpt_path, map_location=map_location)
     if isinstance(ckpt, Mapping) and "generator" in ckpt:
         state = ckpt["generator"]
@@ -179,7 +184,7 @@ def load_original_hifigan(
         raise ValueError(f"{ckpt_path}: expected {{'generator': state_dict}}, got {keys}")
     state = original_to_tta_state_dict(state)
     source = f"{ckpt_path} (config {config_path})"
-    weight_normed = _uses_weight_norm(state, str(ckpt_path))
+    weight_normed = uses_weight_norm(state, str(ckpt_path))
     try:
         generator = HiFiGANGenerator.from_config_dict(config, use_weight_norm=weight_normed)
     except (TypeError, ValueError) as exc:
@@ -253,7 +258,7 @@ def load_speecht5_hifigan(
     if not folder.is_dir():
         raise VocoderWeightsNotFoundError(f"SpeechT5HifiGan folder not found: {folder}")
     config_path = folder / "config.json"
-    config = _read_json(config_path)
+    config = read_json_config(config_path)
     if config.get("model_type", "hifigan") not in _SPEECHT5_MODEL_TYPES:
         raise ValueError(
             f"{config_path}: model_type is {config['model_type']!r}, expected one of {sorted(_SPEECHT5_MODEL_TYPES)}"
@@ -273,7 +278,7 @@ def load_speecht5_hifigan(
             resblock="1",
             leaky_relu_slope=float(config.get("leaky_relu_slope", 0.1)),
             normalize_input=normalize,
-            use_weight_norm=_uses_weight_norm(state, str(weights_path)),
+            use_weight_norm=uses_weight_norm(state, str(weights_path)),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: {exc}") from exc

@@ -23,15 +23,16 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from tta.registry import register
-from tta.vocoders.hifigan.discriminators import DiscriminatorOutput, _as_batch_channel_time
+from tta.vocoders.hifigan.discriminators import (
+    DiscriminatorOutput,
+    as_batch_channel_time,
+    leaky_conv_stack,
+    scaled_width,
+)
 
 LRELU_SLOPE = 0.2
 MAX_CHANNELS = 1024
 FIRST_KERNEL = 15
-
-
-def _scaled(channels: int, mult: float) -> int:
-    return max(1, round(channels * mult))
 
 
 class MelGANScaleDiscriminator(nn.Module):
@@ -65,16 +66,12 @@ class MelGANScaleDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``wav (B, T)`` or ``(B, 1, T)`` -> (logits ``(B, n)``, feature maps)."""
-        x = _as_batch_channel_time(wav)
+        x = as_batch_channel_time(wav)
         pad = FIRST_KERNEL // 2
         if x.shape[-1] <= pad:
             raise ValueError(f"MelGANScaleDiscriminator needs more than {pad} samples, got {x.shape[-1]}")
-        x = F.pad(x, (pad, pad), mode="reflect")
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        return torch.flatten(self.conv_post(x), 1, -1), fmaps
+        return leaky_conv_stack(F.pad(x, (pad, pad), mode="reflect"), self.convs, self.conv_post, post_in_fmaps=False,
+                                slope=LRELU_SLOPE)
 
 
 @register("discriminator", "melgan_msd")
@@ -94,8 +91,8 @@ class MelGANMultiScaleDiscriminator(nn.Module):
             raise ValueError(f"MelGANMultiScaleDiscriminator: num_scales must be >= 1, got {num_scales}")
         self.num_scales, self.n_layers = int(num_scales), int(n_layers)
         self.discriminators = nn.ModuleList(
-            MelGANScaleDiscriminator(_scaled(ndf, channel_mult), n_layers, downsampling_factor,
-                                     _scaled(MAX_CHANNELS, channel_mult))
+            MelGANScaleDiscriminator(scaled_width(ndf, channel_mult), n_layers, downsampling_factor,
+                                     scaled_width(MAX_CHANNELS, channel_mult))
             for _ in range(self.num_scales)
         )
         self.pool = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)
@@ -108,7 +105,7 @@ class MelGANMultiScaleDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> DiscriminatorOutput:
         """``wav (B, T)`` -> (list of logits ``(B, n)``, list of feature-map lists), one per scale."""
-        x = _as_batch_channel_time(wav)
+        x = as_batch_channel_time(wav)
         logits, fmaps = [], []
         for i, d in enumerate(self.discriminators):
             if i > 0:

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import weight_norm
 
 from tta.data.mel import MelConfig
 from tta.registry import register
 from tta.vocoders.base import Vocoder
+from tta.vocoders.weight_norm import WeightNormConvs
 
 LRELU_SLOPE = 0.2
 EDGE_KERNEL = 7  # conv_pre / conv_post kernel (reflection-padded by 3)
@@ -55,7 +54,7 @@ class ResidualUnit(nn.Module):
 
 
 @register("vocoder", "melgan_generator")
-class MelGANGenerator(Vocoder):
+class MelGANGenerator(WeightNormConvs, Vocoder):
     """MelGAN generator: log-mel ``(B, n_mels, frames)`` -> waveform ``(B, frames * hop)`` in ``[-1, 1]``.
 
     Args:
@@ -117,23 +116,6 @@ class MelGANGenerator(Vocoder):
 
     def _convs(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
-
-    @property
-    def has_weight_norm(self) -> bool:
-        """Whether the convolutions are weight-norm parametrised."""
-        return parametrize.is_parametrized(self.conv_pre, "weight")
-
-    def apply_weight_norm(self) -> None:
-        """Parametrise every conv with weight norm (no-op for layers that already have it)."""
-        for layer in self._convs():
-            if not parametrize.is_parametrized(layer, "weight"):
-                weight_norm(layer)
-
-    def remove_weight_norm(self) -> None:
-        """Fold weight norm into plain weights (for inference); the output is unchanged."""
-        for layer in self._convs():
-            if parametrize.is_parametrized(layer, "weight"):
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
 
     def init_args(self) -> dict[str, Any]:
         """The architecture, the current weight-norm state and the mel front-end."""

@@ -29,7 +29,7 @@ import yaml
 from tta.data.mel import MelConfig
 from tta.utils.weights import load_checkpoint, load_state_dict_strict
 from tta.vocoders.base import resolve_mel_config
-from tta.vocoders.hifigan.importers import VocoderWeightsNotFoundError, original_to_tta_state_dict
+from tta.vocoders.hifigan.importers import VocoderWeightsNotFoundError, locate_checkpoint, original_to_tta_state_dict
 from tta.vocoders.melgan.generator import MelGANGenerator
 
 log = logging.getLogger(__name__)
@@ -149,13 +149,7 @@ def load_melgan(
     Returns:
         the generator in eval mode.
     """
-    path = Path(path)
-    if path.is_dir():
-        folder, ckpt_path = path, _find_generator_file(path)
-    elif path.is_file():
-        folder, ckpt_path = path.parent, path
-    else:
-        raise VocoderWeightsNotFoundError(f"MelGAN checkpoint or run folder not found: {path}")
+    folder, ckpt_path = locate_checkpoint(path, _find_generator_file, "MelGAN checkpoint or run folder")
     args_path = folder / "args.yml"
     arch = _architecture(args_path, {"n_mels": n_mels, "ngf": ngf, "n_residual_layers": n_residual_layers})
     state = load_checkpoint(ckpt_path, map_location=map_location)
