@@ -34,6 +34,31 @@ from tta.training.schedule import adamw_with_warmup
 log = logging.getLogger(__name__)
 
 
+def adaptive_gan_weight(
+    nll: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    scale: float,
+    min_weight: float = 0.0,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """LDM / taming's adaptive adversarial weight (detached)::
+
+        scale * clamp(||d nll / d W|| / (||d g_loss / d W|| + 1e-4), min_weight, max_weight)
+
+    with ``W`` the decoder's last layer weight: balances the two gradients at that layer. With
+    ``min_weight == max_weight`` the weight is that constant times ``scale`` (no gradient taken).
+    """
+    if min_weight > max_weight:
+        raise ValueError(f"adaptive_gan_weight: min_weight {min_weight} > max_weight {max_weight}")
+    if min_weight == max_weight:
+        return torch.full((), float(min_weight * scale), device=g_loss.device)
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
+    return torch.clamp(w, min_weight, max_weight).detach() * scale
+
+
 @register("module", "vae")
 class VAEModule(TTAModule):
     """Trains a mel VAE. ``autoencoder`` and ``discriminator`` are networks given by config.
@@ -114,11 +139,7 @@ class VAEModule(TTAModule):
         return {"rec": rec.mean(), "nll": nll, "kl": kl}
 
     def _adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
-        last = self.autoencoder.last_layer_weight()
-        nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
-        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-        w = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
-        return torch.clamp(w, 0.0, 1e4).detach() * self.disc_weight
+        return adaptive_gan_weight(nll, g_loss, self.autoencoder.last_layer_weight(), self.disc_weight)
 
     def disc_active(self) -> bool:
         return self.discriminator is not None and self.batches_trained >= self.disc_start

@@ -19,12 +19,17 @@ AudioLDM checkpoint's ``first_stage_model.*`` entries load after stripping that 
 
 ``decoder.up.{i}`` is the level of resolution ``i`` (``up.0`` is the full-resolution level),
 as in the original code.
+
+`ConvMelAutoencoder` holds what the VAE shares with the spectrogram VQGAN
+(`tta.generators.vqgan.network.SpectrogramVQGAN`): encoder, decoder, the 1x1 convs around the
+latent, size checks and ``latent_kind`` (continuous here, discrete for the VQGAN).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +47,7 @@ from tta.registry import register
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoencoderKL", "Decoder", "Encoder"]
+__all__ = ["AutoencoderKL", "ConvMelAutoencoder", "Decoder", "Encoder"]
 
 
 def _mid_block(channels: int, dropout: float, attention: bool) -> nn.Module:
@@ -191,9 +196,117 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class ConvMelAutoencoder(nn.Module):
+    """The conv autoencoder shared by the mel VAE and the spectrogram VQGAN (the autoencoder interface).
+
+    ``encoder -> quant_conv -> latent -> post_quant_conv -> decoder`` on mels ``(B, in_channels,
+    frames, n_mels)`` (AudioLDM's layout); both sides are compressed by ``downsample_factor``.
+    Subclasses set ``latent_kind`` (``"continuous"``: `AutoencoderKL`, whose ``encode`` returns a
+    `DiagonalGaussian`; ``"discrete"``: `SpectrogramVQGAN`, whose ``encode`` returns codes) and
+    implement ``encode`` / ``decode``; ``decode`` always maps ``(B, embed_dim, h, w)`` latents to mels.
+    ``double_z``: the encoder emits ``2 * z_channels`` (mean and log-variance) and ``quant_conv``
+    maps them to ``2 * embed_dim``.
+    """
+
+    latent_kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        embed_dim: int,
+        attn_resolutions: Sequence[int],
+        dropout: float,
+        in_channels: int,
+        out_channels: int,
+        mid_attention: bool,
+        resolution: int,
+        double_z: bool,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        ch_mult = _check_ch_mult(ch_mult)
+        for arg, value in (("ch", ch), ("z_channels", z_channels), ("embed_dim", embed_dim),
+                           ("in_channels", in_channels), ("out_channels", out_channels)):
+            if value <= 0:
+                raise ValueError(f"{name}: {arg} must be positive, got {value}")
+        if num_res_blocks < 0:
+            raise ValueError(f"{name}: num_res_blocks must be >= 0, got {num_res_blocks}")
+        self.config = {
+            "ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks, "z_channels": z_channels,
+            "embed_dim": embed_dim, "attn_resolutions": list(attn_resolutions), "dropout": dropout,
+            "in_channels": in_channels, "out_channels": out_channels, "mid_attention": mid_attention,
+            "resolution": resolution,
+        }
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.embed_dim = embed_dim
+        self.z_channels = z_channels
+        self.encoder = Encoder(
+            in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions, z_channels=z_channels, double_z=double_z, dropout=dropout,
+            resolution=resolution, mid_attention=mid_attention,
+        )
+        self.decoder = Decoder(
+            out_channels=out_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions, z_channels=z_channels, dropout=dropout,
+            resolution=resolution, mid_attention=mid_attention,
+        )
+        moments = 2 if double_z else 1
+        self.quant_conv = nn.Conv2d(moments * z_channels, moments * embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+        self._factor = 2 ** (len(ch_mult) - 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Compression of both time and frequency, ``2 ** (len(ch_mult) - 1)``."""
+        return self._factor
+
+    def _check_size(self, frames: int, n_mels: int, what: str) -> None:
+        f = self._factor
+        if frames % f != 0 or n_mels % f != 0:
+            raise ValueError(
+                f"{type(self).__name__}: {what} has frames={frames}, n_mels={n_mels}; both must be divisible "
+                f"by the downsample factor {f} (pad the mel, e.g. frames to "
+                f"{-(-frames // f) * f} and n_mels to {-(-n_mels // f) * f})"
+            )
+
+    def _check_mel(self, mel: torch.Tensor) -> None:
+        if mel.ndim != 4 or mel.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}.encode expects a mel of shape (B, {self.in_channels}, frames, n_mels) "
+                f"(AudioLDM layout); got {tuple(mel.shape)}"
+            )
+        self._check_size(int(mel.shape[2]), int(mel.shape[3]), f"input mel {tuple(mel.shape)}")
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"{type(self).__name__}.decode expects a latent of shape (B, {self.embed_dim}, h, w); "
+                f"got {tuple(z.shape)}"
+            )
+
+    def latent_shape(self, frames: int, n_mels: int) -> tuple[int, int, int]:
+        """Latent shape ``(embed_dim, frames / f, n_mels / f)`` of one mel; ValueError if not divisible."""
+        self._check_size(frames, n_mels, "latent_shape request")
+        return (self.embed_dim, frames // self._factor, n_mels // self._factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, embed_dim, h, w)`` -> mel ``(B, out_channels, h*f, w*f)``."""
+        self._check_latent(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """Weight of the decoder's last conv (for LDM's adaptive discriminator weight)."""
+        return self.decoder.conv_out.weight
+
+
 @register("autoencoder", "mel_vae")
-class AutoencoderKL(nn.Module):
-    """KL-regularised mel autoencoder (AudioLDM's first stage).
+class AutoencoderKL(ConvMelAutoencoder):
+    """KL-regularised mel autoencoder (AudioLDM's first stage); continuous latents.
 
     Args:
         ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
@@ -209,6 +322,8 @@ class AutoencoderKL(nn.Module):
         resolution: nominal input size for ``attn_resolutions`` (only matters when it is set).
     """
 
+    latent_kind: ClassVar[str] = "continuous"
+
     def __init__(
         self,
         ch: int = 128,
@@ -223,75 +338,17 @@ class AutoencoderKL(nn.Module):
         mid_attention: bool = True,
         resolution: int = 256,
     ) -> None:
-        super().__init__()
-        ch_mult = _check_ch_mult(ch_mult)
-        for name, value in (("ch", ch), ("z_channels", z_channels), ("embed_dim", embed_dim),
-                            ("in_channels", in_channels), ("out_channels", out_channels)):
-            if value <= 0:
-                raise ValueError(f"AutoencoderKL: {name} must be positive, got {value}")
-        if num_res_blocks < 0:
-            raise ValueError(f"AutoencoderKL: num_res_blocks must be >= 0, got {num_res_blocks}")
-        self.config = {
-            "ch": ch, "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks, "z_channels": z_channels,
-            "embed_dim": embed_dim, "attn_resolutions": list(attn_resolutions), "dropout": dropout,
-            "in_channels": in_channels, "out_channels": out_channels, "mid_attention": mid_attention,
-            "resolution": resolution,
-        }
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.embed_dim = embed_dim
-        self.z_channels = z_channels
-        self.encoder = Encoder(
-            in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions, z_channels=z_channels, double_z=True, dropout=dropout,
-            resolution=resolution, mid_attention=mid_attention,
+        super().__init__(
+            ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels, embed_dim=embed_dim,
+            attn_resolutions=attn_resolutions, dropout=dropout, in_channels=in_channels,
+            out_channels=out_channels, mid_attention=mid_attention, resolution=resolution, double_z=True,
         )
-        self.decoder = Decoder(
-            out_channels=out_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions, z_channels=z_channels, dropout=dropout,
-            resolution=resolution, mid_attention=mid_attention,
-        )
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
-        self._factor = 2 ** (len(ch_mult) - 1)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Compression of both time and frequency, ``2 ** (len(ch_mult) - 1)``."""
-        return self._factor
-
-    def _check_size(self, frames: int, n_mels: int, what: str) -> None:
-        f = self._factor
-        if frames % f != 0 or n_mels % f != 0:
-            raise ValueError(
-                f"AutoencoderKL: {what} has frames={frames}, n_mels={n_mels}; both must be divisible "
-                f"by the downsample factor {f} (pad the mel, e.g. frames to "
-                f"{-(-frames // f) * f} and n_mels to {-(-n_mels // f) * f})"
-            )
-
-    def latent_shape(self, frames: int, n_mels: int) -> tuple[int, int, int]:
-        """Latent shape ``(embed_dim, frames / f, n_mels / f)`` of one mel; ValueError if not divisible."""
-        self._check_size(frames, n_mels, "latent_shape request")
-        return (self.embed_dim, frames // self._factor, n_mels // self._factor)
 
     def encode(self, mel: torch.Tensor) -> DiagonalGaussian:
         """Mel ``(B, in_channels, frames, n_mels)`` -> posterior over ``(B, embed_dim, frames/f, n_mels/f)``."""
-        if mel.ndim != 4 or mel.shape[1] != self.in_channels:
-            raise ValueError(
-                f"AutoencoderKL.encode expects a mel of shape (B, {self.in_channels}, frames, n_mels) "
-                f"(AudioLDM layout); got {tuple(mel.shape)}"
-            )
-        self._check_size(int(mel.shape[2]), int(mel.shape[3]), f"input mel {tuple(mel.shape)}")
+        self._check_mel(mel)
         moments = self.quant_conv(self.encoder(mel))
         return DiagonalGaussian(moments)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent ``(B, embed_dim, h, w)`` -> mel ``(B, out_channels, h*f, w*f)``."""
-        if z.ndim != 4 or z.shape[1] != self.embed_dim:
-            raise ValueError(
-                f"AutoencoderKL.decode expects a latent of shape (B, {self.embed_dim}, h, w); got {tuple(z.shape)}"
-            )
-        return self.decoder(self.post_quant_conv(z))
 
     def forward(
         self, mel: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
@@ -300,7 +357,3 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(mel)
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
-
-    def last_layer_weight(self) -> torch.Tensor:
-        """Weight of the decoder's last conv (for LDM's adaptive discriminator weight)."""
-        return self.decoder.conv_out.weight
