@@ -58,14 +58,35 @@ def _keys(value: Any) -> Iterator[str]:
             yield from _keys(inner)
 
 
-def recipe_args(overrides: Mapping[str, Any]) -> list[str]:
+def _without_paths(value: Any) -> Any:
+    """``value`` with every ``path`` entry blanked (what a path substitution may change)."""
+    if isinstance(value, Mapping):
+        return {k: None if k == "path" else _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
+
+
+def _config_value(config: str, key: str) -> Any:
+    value: Any = yaml.safe_load((CONFIGS / config).read_text())
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def recipe_args(overrides: Mapping[str, Any], config: str | None = None) -> list[str]:
     """``--key=value`` CLI arguments for depth/size shrinking and path substitutions.
 
     Raises `InterfaceOverrideError` for a key (a dotted component or a key nested in its value) in
-    `INTERFACE_WIDTHS`, and for a ``class_path`` under `NO_SWAP`.
+    `INTERFACE_WIDTHS`, and for a ``class_path`` under `NO_SWAP`, unless the value is ``config``'s own
+    value at that key with only ``path`` entries substituted (a dict entry cannot be set by a flag).
     """
     out = []
     for key, value in overrides.items():
+        if config is not None and isinstance(value, Mapping) and \
+                _without_paths(value) == _without_paths(_config_value(config, key)):
+            out.append(f"--{key}={json.dumps(value)}")  # the config's own value, paths substituted
+            continue
         names = [*key.split("."), *_keys(value)]
         widths = sorted(set(names) & INTERFACE_WIDTHS)
         if widths:
@@ -96,7 +117,7 @@ def data(manifest: Path, batch_size: int = 2) -> dict[str, Any]:
 
 def run(command: str, config: str, overrides: Mapping[str, Any]) -> None:
     """``tta <command> --config configs/<config>`` with `recipe_args` of ``overrides``."""
-    argv = [command, "--config", str(CONFIGS / config), *recipe_args(overrides)]
+    argv = [command, "--config", str(CONFIGS / config), *recipe_args(overrides, config)]
     log.info("recipe: tta %s", " ".join(argv))
     assert main(argv) == 0
 
@@ -140,6 +161,14 @@ def test_recipe_args_refuse_interface_widths_and_swaps() -> None:
             recipe_args({key: value})
     with pytest.raises(InterfaceOverrideError, match="swaps a component"):
         recipe_args({"model.init_args.text_encoder": {"class_path": "minilm_text"}})
+    # a config's own component with only its local folder substituted passes; anything else changed does not
+    conditioners = paper("dreamaudio.yaml")["conditioners"]
+    conditioners["prompt"]["init_args"]["encoder"]["init_args"]["path"] = "/tmp/t5"
+    assert recipe_args({"model.init_args.conditioners": conditioners}, "dreamaudio.yaml") == [
+        "--model.init_args.conditioners=" + json.dumps(conditioners)]
+    conditioners["prompt"]["init_args"]["encoder"]["class_path"] = "minilm_text"
+    with pytest.raises(InterfaceOverrideError, match="swaps a component"):
+        recipe_args({"model.init_args.conditioners": conditioners}, "dreamaudio.yaml")
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -268,3 +297,42 @@ def test_retrieval_features_feed_re_audioldm(config: str, feature_store: Path, i
     if config == "re_audioldm.yaml":  # fine-tuned from AudioLDM-S (same UNet), as the config documents
         overrides["model.init_args.init_from"] = str(audioldm_ckpt)
     fit(config, root / config.removesuffix(".yaml"), overrides)
+
+
+@pytest.fixture(scope="module")
+def bigvgan_ckpt(root: Path, tiny_synth: Path) -> Path:
+    """configs/bigvgan.yaml (16 kHz AudioLDM mels): 32 initial channels, one AMP kernel, slim discriminators."""
+    gen, model = "model.init_args.generator.init_args.", "model.init_args."
+    return fit("bigvgan.yaml", root / "bigvgan", {
+        f"{gen}upsample_initial_channel": 32, f"{gen}resblock_kernel_sizes": [3],
+        f"{gen}resblock_dilation_sizes": [[1, 3, 5]], f"{model}mpd.init_args.periods": [2, 3],
+        f"{model}mpd.init_args.channel_mult": 0.125, f"{model}mrd.init_args.channel_mult": 0.25,
+        **data(tiny_synth), "data.init_args.segment_seconds": 0.512,
+    })  # fmt: skip
+
+
+def test_vae_and_customized_data_feed_dreamaudio_with_bigvgan(root: Path, vae_ckpt: Path, bigvgan_ckpt: Path,
+                                                               tiny_synth: Path) -> None:
+    """`tta data customize` + vae -> dreamaudio (fit; a Flan-T5-large-wide one-layer T5 folder), + bigvgan
+    -> a pipeline folder that generates with a reference clip (`tta generate --ref`)."""
+    custom = root / "customized"
+    assert main(["data", "customize", "--base", str(tiny_synth), "--kind", "concat", "--out", str(custom),
+                 "--n", "4", "--refs", "3", "--seconds", "2", "--max-short", "1.5", "--sample-rate", "16000",
+                 "--split", "train"]) == 0
+    conditioners = paper("dreamaudio.yaml")["conditioners"]
+    width = paper("dreamaudio.yaml")["unet"]["init_args"]["context_dims"]["prompt"]  # the config's own width
+    conditioners["prompt"]["init_args"]["encoder"]["init_args"]["path"] = str(
+        make_t5_folder(root / "flan_t5", d_model=width, num_layers=1))  # a path substituted, nothing else
+    seconds = {"model.init_args.reference_seconds": 1.0, "data.init_args.reference_seconds": 1.0}
+    ckpt = fit("dreamaudio.yaml", root / "dreamaudio", {
+        **UNET_S, "model.init_args.vae_checkpoint": str(vae_ckpt), "model.init_args.conditioners": conditioners,
+        **seconds, **data(custom / "manifest.jsonl"), "data.init_args.segment_seconds": 2.0,
+    })  # fmt: skip
+    pipe, out = root / "dreamaudio_pipeline", root / "dream_generations"
+    assert main(["pipeline", "export", str(ckpt), "--out", str(pipe), "--vocoder", str(bigvgan_ckpt),
+                 "--steps", "2"]) == 0
+    reference = next((custom / "references").rglob("*.wav")) if (custom / "references").is_dir() else next(
+        p for p in custom.rglob("*.wav"))
+    assert main(["generate", "a dog barks", "--pipeline", str(pipe), "--ref", f"{reference}=a dog barks",
+                 "--duration", "1.0", "--out", str(out), "--allow-silent"]) == 0
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 1
