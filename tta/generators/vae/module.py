@@ -34,6 +34,18 @@ from tta.training.schedule import adamw_with_warmup
 log = logging.getLogger(__name__)
 
 
+def autoencoder_gan_optimizers(module: Any, autoencoder_params: list[nn.Parameter]) -> Any:
+    """``([opt_ae, opt_d], [sched_ae, sched_d])`` (AdamW with warm-up from the module's ``lr``,
+    ``betas``, ``weight_decay``, ``warmup_steps``), or the autoencoder's pair alone when the module
+    has no ``discriminator`` (the VAE's and the VQGAN's optimisers)."""
+    hp = (module.lr, module.betas, module.weight_decay, module.warmup_steps)
+    opt_ae, sched_ae = adamw_with_warmup(autoencoder_params, *hp)
+    if module.discriminator is None:
+        return [opt_ae], [sched_ae]
+    opt_d, sched_d = adamw_with_warmup(module.discriminator.parameters(), *hp)
+    return [opt_ae, opt_d], [sched_ae, sched_d]
+
+
 def adaptive_gan_weight(
     nll: torch.Tensor,
     g_loss: torch.Tensor,
@@ -202,16 +214,7 @@ class VAEModule(TTAModule):
         self.log("val/latent_std", std, sync_dist=False)
 
     def configure_optimizers(self) -> Any:
-        opt_ae, sched_ae = adamw_with_warmup(
-            list(self.autoencoder.parameters()) + [self.logvar], self.lr, self.betas, self.weight_decay,
-            self.warmup_steps,
-        )
-        if self.discriminator is None:
-            return [opt_ae], [sched_ae]
-        opt_d, sched_d = adamw_with_warmup(
-            self.discriminator.parameters(), self.lr, self.betas, self.weight_decay, self.warmup_steps
-        )
-        return [opt_ae, opt_d], [sched_ae, sched_d]
+        return autoencoder_gan_optimizers(self, [*self.autoencoder.parameters(), self.logvar])
 
     def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Mels for the demo callback: input and reconstruction."""

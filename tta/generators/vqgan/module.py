@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tta.generators.vae.codec import image_to_mel, mel_to_image
-from tta.generators.vae.module import adaptive_gan_weight
+from tta.generators.vae.module import adaptive_gan_weight, autoencoder_gan_optimizers
 from tta.generators.vqgan.network import SpectrogramVQGAN
 from tta.metrics.spectrogram import normalize_log_mel, spectrogram_psnr
 from tta.nn.discriminators import NLayerDiscriminator
@@ -40,7 +40,6 @@ from tta.nn.gan_losses import adversarial_loss
 from tta.nn.quantize import code_statistics
 from tta.registry import register
 from tta.training.base import TTAModule
-from tta.training.schedule import adamw_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -264,15 +263,7 @@ class VQGANModule(TTAModule):
         return {"id": batch["id"], "indices": self.encode(batch["mel"])}
 
     def configure_optimizers(self) -> Any:
-        opt_ae, sched_ae = adamw_with_warmup(
-            self.autoencoder.parameters(), self.lr, self.betas, self.weight_decay, self.warmup_steps
-        )
-        if self.discriminator is None:
-            return [opt_ae], [sched_ae]
-        opt_d, sched_d = adamw_with_warmup(
-            self.discriminator.parameters(), self.lr, self.betas, self.weight_decay, self.warmup_steps
-        )
-        return [opt_ae, opt_d], [sched_ae, sched_d]
+        return autoencoder_gan_optimizers(self, list(self.autoencoder.parameters()))
 
     def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Mels for the demo callback: input and reconstruction."""

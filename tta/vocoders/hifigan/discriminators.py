@@ -39,6 +39,19 @@ def as_batch_channel_time(wav: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"discriminator expects a waveform (B, T) or (B, 1, T), got {tuple(wav.shape)}")
 
 
+def multi_scale(x: torch.Tensor, discriminators: nn.ModuleList, pool: nn.Module) -> DiscriminatorOutput:
+    """Run ``discriminators[i]`` on ``x`` pooled ``i`` times by ``pool`` (multi-scale discriminators of
+    HiFi-GAN and MelGAN): per scale, its logits and feature maps."""
+    logits, fmaps = [], []
+    for i, d in enumerate(discriminators):
+        if i > 0:
+            x = pool(x)
+        logit, fmap = d(x)
+        logits.append(logit)
+        fmaps.append(fmap)
+    return logits, fmaps
+
+
 def leaky_conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module, post_in_fmaps: bool = True,
                      slope: float = LRELU_SLOPE) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``convs`` each followed by a leaky ReLU (``slope``: HiFi-GAN's 0.1), then ``post``: the flattened
@@ -152,12 +165,4 @@ class MultiScaleDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> DiscriminatorOutput:
         """``wav (B, T)`` -> (list of logits ``(B, n)``, list of feature-map lists)."""
-        x = as_batch_channel_time(wav)
-        logits, fmaps = [], []
-        for i, d in enumerate(self.discriminators):
-            if i > 0:
-                x = self.pool(x)
-            logit, fmap = d(x)
-            logits.append(logit)
-            fmaps.append(fmap)
-        return logits, fmaps
+        return multi_scale(as_batch_channel_time(wav), self.discriminators, self.pool)

@@ -27,6 +27,7 @@ from tta.vocoders.hifigan.discriminators import (
     DiscriminatorOutput,
     as_batch_channel_time,
     leaky_conv_stack,
+    multi_scale,
     scaled_width,
 )
 
@@ -105,12 +106,4 @@ class MelGANMultiScaleDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> DiscriminatorOutput:
         """``wav (B, T)`` -> (list of logits ``(B, n)``, list of feature-map lists), one per scale."""
-        x = as_batch_channel_time(wav)
-        logits, fmaps = [], []
-        for i, d in enumerate(self.discriminators):
-            if i > 0:
-                x = self.pool(x)
-            logit, fmap = d(x)
-            logits.append(logit)
-            fmaps.append(fmap)
-        return logits, fmaps
+        return multi_scale(as_batch_channel_time(wav), self.discriminators, self.pool)
