@@ -106,7 +106,7 @@ def is_silent(wav: torch.Tensor) -> bool:
     return float(x.abs().max()) < SILENT_PEAK or rms < 10 ** (SILENT_RMS_DB / 20)
 
 
-def _interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+def bootstrap_interval(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
     """Percentile-bootstrap 95 % interval of the mean of ``values``."""
     idx = rng.integers(0, len(values), size=(n_boot, len(values)))
     means = values[idx].mean(axis=1)
@@ -155,7 +155,7 @@ class Scores:
             if len(v) == 0:
                 out[name] = {"mean": None, "low": None, "high": None, "n": 0}
                 continue
-            low, high = _interval(v, n_boot, rng)
+            low, high = bootstrap_interval(v, n_boot, rng)
             out[name] = {"mean": float(v.mean()), "low": low, "high": high, "n": len(v)}
         return out
 
@@ -172,7 +172,7 @@ def paired_difference(a: Scores, b: Scores, key: str = "accuracy", bucket: str =
     d = (b.values(key) - a.values(key))[a.mask(bucket)]
     if len(d) == 0:
         raise ValueError(f"bucket {bucket!r} holds no prompts")
-    return float(d.mean()), _interval(d, n_boot, np.random.default_rng(seed))
+    return float(d.mean()), bootstrap_interval(d, n_boot, np.random.default_rng(seed))
 
 
 @dataclass
@@ -215,7 +215,7 @@ class Judge:
         unknown = sorted({c for i in test for c in i.labels} - set(classes))
         if unknown:
             log.warning("test labels never seen in training (never predicted): %s", ", ".join(unknown))
-        train_emb = torch.cat([_embed(clap, load_audio(i.audio, sample_rate)[0][None], sample_rate) for i in train])
+        train_emb = torch.cat([clap_audio_embed(clap, load_audio(i.audio, sample_rate)[0][None], sample_rate) for i in train])
         probe = train_linear_probe(train_emb, [list(i.labels) for i in train], classes, probe_steps, seed)
         text = F.normalize(clap.embed_text([i.captions[0] for i in test]).detach().float(), dim=-1)
         judge = cls(clap, int(sample_rate), classes, head, set(classes) - head, test, probe, text)
@@ -247,10 +247,10 @@ class Judge:
 
     def _score_clips(self, wavs: list[torch.Tensor], items: list[Any], text: torch.Tensor) -> Scores:
         if len(wavs) and all(w.shape == wavs[0].shape for w in wavs):
-            emb = torch.cat([_embed(self.clap, torch.stack(wavs[s : s + 16]), self.sample_rate)
+            emb = torch.cat([clap_audio_embed(self.clap, torch.stack(wavs[s : s + 16]), self.sample_rate)
                              for s in range(0, len(wavs), 16)])
         else:
-            emb = torch.cat([_embed(self.clap, w[None], self.sample_rate) for w in wavs])
+            emb = torch.cat([clap_audio_embed(self.clap, w[None], self.sample_rate) for w in wavs])
         pred = [self.classes[int(k)] for k in self.probe(emb).argmax(-1)]
         labels = [set(i.labels) for i in items]
         return Scores(
@@ -265,7 +265,7 @@ class Judge:
         )
 
 
-def _embed(clap: Any, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+def clap_audio_embed(clap: Any, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """CLAP audio embeddings ``(B, D)`` (float32, CPU) of ``wav`` ``(B, T)`` at ``sample_rate``."""
     param = next(iter(clap.parameters()), None) if hasattr(clap, "parameters") else None
     device = param.device if param is not None else torch.device("cpu")
