@@ -99,3 +99,13 @@ def test_filter_split(tmp_path):
     assert [i.id for i in filter_split(items, "train")] == ["0", "2"]
     assert [i.id for i in filter_split(items, ["val", "test"])] == ["1"]
     assert filter_split(items, "heldout") == []
+
+
+def test_non_utf8_line_named_by_line_and_column(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": "a", "audio": "a.wav"}\n{"id": "caf\xe9", "audio": "b.wav"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 12\)") as info:
+        read_manifest(path)
+    assert info.value.line == 2
+    path.write_bytes('{"id": "café", "audio": "b.wav"}\r\n'.encode())  # valid UTF-8 and CRLF still read
+    assert [i.id for i in read_manifest(path)] == ["café"]

@@ -133,8 +133,8 @@ def _parse_line(obj: Any, path: Path, lineno: int, root: Path) -> ManifestItem:
 def read_manifest(path: str | os.PathLike) -> list[ManifestItem]:
     """Read and validate a JSONL manifest; ``audio`` becomes an absolute path.
 
-    Blank lines are skipped. Raises `ManifestError` (file, line, field) for invalid JSON, a
-    missing ``id``/``audio``, wrongly typed fields and duplicate ids; `FileNotFoundError` if the
+    Blank lines are skipped. Raises `ManifestError` (file, line, field) for a line that is not
+    UTF-8, invalid JSON, a missing ``id``/``audio``, wrongly typed fields and duplicate ids; `FileNotFoundError` if the
     manifest does not exist.
     """
     path = Path(path)
@@ -143,8 +143,13 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestItem]:
     root = path.parent.absolute()
     items: list[ManifestItem] = []
     seen: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ManifestError(path, lineno, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                                  f"{exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:
