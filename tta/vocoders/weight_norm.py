@@ -8,6 +8,8 @@ weights for inference, leaving the output unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
@@ -16,7 +18,10 @@ __all__ = ["WeightNormConvs"]
 
 
 class WeightNormConvs:
-    """Mixin for `nn.Module` generators: ``has_weight_norm``, ``apply_weight_norm()``, ``remove_weight_norm()``."""
+    """Mixin for `nn.Module` generators: ``has_weight_norm``, ``apply_weight_norm()``, ``remove_weight_norm()``,
+    and ``init_args()`` from the generator's ``config`` (its architecture) and ``mel_config``."""
+
+    config: dict[str, Any]
 
     def _convs(self) -> list[nn.Module]:
         """The weight-normalised convolutions, ``conv_pre`` first."""
@@ -38,3 +43,9 @@ class WeightNormConvs:
         for layer in self._convs():
             if parametrize.is_parametrized(layer, "weight"):
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+
+    def init_args(self) -> dict[str, Any]:
+        """The architecture, the current weight-norm state and the mel front-end."""
+        mel_config = getattr(self, "mel_config", None)
+        mel = mel_config.to_dict() if mel_config is not None else None
+        return {**self.config, "use_weight_norm": self.has_weight_norm, "mel_config": mel}

@@ -176,11 +176,6 @@ class BigVGANGenerator(WeightNormConvs, Vocoder):
         layers.append(self.conv_post)
         return layers
 
-    def init_args(self) -> dict[str, Any]:
-        """The architecture, the current weight-norm state and the mel front-end."""
-        mel = self.mel_config.to_dict() if self.mel_config is not None else None
-        return {**self.config, "use_weight_norm": self.has_weight_norm, "mel_config": mel}
-
     @classmethod
     def from_config_dict(cls, config: Mapping[str, Any], **kwargs: Any) -> BigVGANGenerator:
         """Build from NVIDIA's BigVGAN ``config.json`` dict.

@@ -209,11 +209,6 @@ class HiFiGANGenerator(WeightNormConvs, Vocoder):
         layers.append(self.conv_post)
         return layers
 
-    def init_args(self) -> dict[str, Any]:
-        """The architecture, the current weight-norm state and the mel front-end."""
-        mel = self.mel_config.to_dict() if self.mel_config is not None else None
-        return {**self.config, "use_weight_norm": self.has_weight_norm, "mel_config": mel}
-
     @classmethod
     def from_config_dict(cls, config: Mapping[str, Any], **kwargs: Any) -> HiFiGANGenerator:
         """Build from an original HiFi-GAN ``config.json`` dict (training keys are ignored).

@@ -118,10 +118,8 @@ class MelGANGenerator(WeightNormConvs, Vocoder):
         return [m for m in self.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
 
     def init_args(self) -> dict[str, Any]:
-        """The architecture, the current weight-norm state and the mel front-end."""
-        mel = self.mel_config.to_dict() if self.mel_config is not None else None
-        return {**self.config, "ratios": list(self.config["ratios"]), "use_weight_norm": self.has_weight_norm,
-                "mel_config": mel}
+        """`WeightNormConvs.init_args` with ``ratios`` as a list (JSON)."""
+        return {**super().init_args(), "ratios": list(self.config["ratios"])}
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """``mel (B, n_mels, frames)`` -> ``wav (B, frames * hop_length)`` in ``[-1, 1]``."""
