@@ -98,11 +98,14 @@ class CLAPModule(TTAModule):
     def _collect(self, batch: dict[str, Any]) -> None:
         if "wav" not in batch:
             return
-        audio, text = self.clap(batch["wav"], batch["caption"])
-        all_captions = [list(c) or [one] for c, one in zip(batch.get("captions", [[]] * len(batch["caption"])),
-                                                            batch["caption"])]
+        audio = self.clap.embed_audio(batch["wav"])
+        # every caption of each clip, the batch's own caption among them (embedded once)
+        all_captions = [list(c) if one in c else [*c, one]
+                        for c, one in zip(batch.get("captions", [[]] * len(batch["caption"])), batch["caption"])]
         flat = [c for caps in all_captions for c in caps]
         caption_emb = self.clap.embed_text(flat).float().split([len(c) for c in all_captions])
+        text = torch.stack([emb[caps.index(one)] for emb, caps, one in zip(caption_emb, all_captions,
+                                                                          batch["caption"])])
         store = self._eval
         store.setdefault("id", []).extend(batch["id"])
         store.setdefault("audio", []).extend(audio.float())
