@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.conftest import CONFIGS
 from tests.hf_fixtures import make_gpt2_folder, make_t5_folder
 from tta.cli import main
+from tta.data.customize_refs import item_references
 from tta.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -331,8 +332,8 @@ def test_vae_and_customized_data_feed_dreamaudio_with_bigvgan(root: Path, vae_ck
     pipe, out = root / "dreamaudio_pipeline", root / "dream_generations"
     assert main(["pipeline", "export", str(ckpt), "--out", str(pipe), "--vocoder", str(bigvgan_ckpt),
                  "--steps", "2"]) == 0
-    reference = next((custom / "references").rglob("*.wav")) if (custom / "references").is_dir() else next(
-        p for p in custom.rglob("*.wav"))
+    first = read_manifest(custom / "manifest.jsonl")[0]
+    reference = item_references(first, custom)[0].audio  # a reference clip the data builder wrote
     assert main(["generate", "a dog barks", "--pipeline", str(pipe), "--ref", f"{reference}=a dog barks",
                  "--duration", "1.0", "--out", str(out), "--allow-silent"]) == 0
     assert len((out / "generations.jsonl").read_text().splitlines()) == 1
