@@ -11,7 +11,7 @@ from tta.cli import main
 
 def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--clap-steps", "2", "--ldm-steps", "2", "--t2a-prompts", "3", "--t2a-sample-steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "2", "--clap-steps", "2", "--ldm-steps", "2", "--t2a-prompts", "3", "--t2a-sample-steps", "2", "--dreamaudio-steps", "2", "--clips", "1", "--data-dir", str(tmp_path / "data")]) == 0
     report = json.loads((out / "report.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {"vocoder_only", "vae_vocoder_before_training", "vae_vocoder_after_training", "griffinlim"}
@@ -59,3 +59,11 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
         names = set(m["evaluation"]["metrics"])
         assert {"fad", "is", "clap_score"} <= names and any(n.startswith("kl") for n in names), names
         assert (Path(m["evaluation"]["eval_dir"]) / "eval.md").is_file()
+    # the customization stage: DreamAudio on held-out classes, beside the same model without references
+    custom = report["customization"]
+    assert custom["training"]["steps"] == 2 and custom["eval_items"] == 3
+    stage = json.loads(Path(custom["report"]).read_text())
+    assert {"DreamAudio, with references", "DreamAudio, references dropped", "Re-AudioLDM (demo)"} <= set(stage["rows"])
+    assert set(stage["step_sweep"]) == {"4", "8", "16", "32"}
+    purity = stage["data"]["split_purity"]
+    assert set(purity["heldout_classes"]) == set(custom["heldout_classes"]) and purity["heldout_classes"]

@@ -337,3 +337,16 @@ def test_vae_and_customized_data_feed_dreamaudio_with_bigvgan(root: Path, vae_ck
     assert main(["generate", "a dog barks", "--pipeline", str(pipe), "--ref", f"{reference}=a dog barks",
                  "--duration", "1.0", "--out", str(out), "--allow-silent"]) == 0
     assert len((out / "generations.jsonl").read_text().splitlines()) == 1
+    # the customized set's items with their own references, then `tta eval` recording them in its protocol
+    assert main(["generate", "--manifest", str(custom / "manifest.jsonl"), "--pipeline", str(pipe), "--duration", "1.0",
+                 "--out", str(out / "customized"), "--allow-silent"]) == 0
+    rows = [json.loads(line) for line in (out / "customized" / "generations.jsonl").read_text().splitlines()]
+    items = read_manifest(custom / "manifest.jsonl")
+    assert [[r["audio"] for r in row["generation"]["references"]] for row in rows] == [
+        [str(r.audio) for r in item_references(i, custom)] for i in items]
+    assert main(["eval", "--generated", str(out / "customized" / "generations.jsonl"), "--reference",
+                 str(custom / "manifest.jsonl"), "--metrics", "psnr", "--out", str(out / "eval"), "--no-cache"]) == 0
+    protocol = json.loads((out / "eval" / "eval.json").read_text())["protocol"]
+    assert protocol["conditioning_references"]["items_with_references"] == len(items)
+    assert protocol["conditioning_references"]["references_per_item"] == sorted(
+        {len(item_references(i, custom)) for i in items})

@@ -8,7 +8,11 @@
    alone, (b) VAE + vocoder before and after training and (c) a Griffin-Lim baseline, by mel L1
    and multi-resolution STFT distance against the input clips;
 5. train the CPU-sized CLAP of ``configs/demo/clap.yaml``, index the dataset and report
-   zero-shot / retrieval numbers (`tta.demo_clap`).
+   zero-shot / retrieval numbers (`tta.demo_clap`);
+6. train the demo AudioLDM and Re-AudioLDM and judge their generations on the test prompts
+   (`tta.demo_ldm`);
+7. train the demo DreamAudio on a customized set of the training split and generate sounds of
+   held-out classes from their reference clips (`tta.demo_dreamaudio`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from tta.data.audio import save_audio
 from tta.data.datamodule import AudioDataModule
@@ -78,8 +83,9 @@ def _eval_batch(datamodule: AudioDataModule, n_clips: int) -> dict[str, Any]:
 
 def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Path | None = None,
              clap_steps: int | None = None, ldm_steps: int | None = None, t2a_prompts: int | None = None,
-             t2a_sample_steps: int = 20) -> dict[str, Any]:
-    """Run the demo and return the report (also written to ``out/report.json``)."""
+             t2a_sample_steps: int = 20, dreamaudio_steps: int | None = None) -> dict[str, Any]:
+    """Run the demo and return the report (also written to ``out/report.json``). ``ldm_steps`` or
+    ``dreamaudio_steps`` 0 skips that stage (DreamAudio needs the text-to-audio stage's models)."""
     t0 = time.time()
     log.info("tta demo: about %d minutes on 2 idle CPU cores (fixed step budgets: a busy machine takes longer)",
              EXPECTED_MINUTES)
@@ -140,9 +146,26 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
         report["text_to_audio"] = run_ldm_stage(out, str(vae_ckpt), clap["checkpoint"], clap["index_dir"],
                                                 steps=ldm_steps, data_dir=data_dir, n_prompts=t2a_prompts,
                                                 sample_steps=t2a_sample_steps)
+        if dreamaudio_steps != 0:
+            report["customization"] = _customization_stage(out, report, dreamaudio_steps, t2a_prompts)
     report["total_seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _customization_stage(out: Path, report: dict[str, Any], steps: int | None, eval_items: int | None) -> dict[str, Any]:
+    """The DreamAudio stage on this demo folder (it reads ``report.json``, written first); the
+    summary kept in the demo's report (the whole stage report: ``out/dreamaudio/report.json``)."""
+    from tta.demo_dreamaudio import EVAL_ITEMS, TRAIN_ITEMS, run_dreamaudio_stage
+
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    # a shortened run (``steps`` given) builds no more training items than its batches can show
+    batch = yaml.safe_load(demo_config_path("dreamaudio").read_text())["data"]["init_args"]["batch_size"]
+    train_items = TRAIN_ITEMS if steps is None else min(TRAIN_ITEMS, max(1, steps) * int(batch))
+    stage = run_dreamaudio_stage(out, out, steps=steps, train_items=train_items, eval_items=eval_items or EVAL_ITEMS)
+    return {"report": str(out / "dreamaudio" / "report.json"), "table": stage["table"],
+            "eval_items": stage["data"]["eval_items"], "heldout_classes": stage["judge"]["heldout_classes"],
+            "training": stage["training"], "seconds": stage["seconds"]}
 
 
 def _demo_mel() -> Any:
@@ -167,13 +190,16 @@ def main(argv: list[str]) -> int:
                         help="test prompts generated per model (default: every captioned test clip)")
     parser.add_argument("--t2a-sample-steps", type=int, default=20,
                         help="sampling steps per generation (DPM-Solver++ for DDPM, Euler for rectified flow)")
+    parser.add_argument("--dreamaudio-steps", type=int, default=None,
+                        help="DreamAudio training steps (default: tta.demo_dreamaudio.TRAIN_STEPS; 0 skips the stage; "
+                             "--t2a-prompts also caps its evaluation items)")
     args = parser.parse_args(argv)
     from tta.utils.threads import set_threads
 
     set_threads(args.threads)
     report = run_demo(args.out.resolve(), steps=args.steps, n_clips=args.clips, data_dir=args.data_dir,
                       clap_steps=args.clap_steps, ldm_steps=args.ldm_steps, t2a_prompts=args.t2a_prompts,
-                      t2a_sample_steps=args.t2a_sample_steps)
+                      t2a_sample_steps=args.t2a_sample_steps, dreamaudio_steps=args.dreamaudio_steps)
     from rich.console import Console
     from rich.table import Table
 
@@ -198,6 +224,11 @@ def main(argv: list[str]) -> int:
                       f"split only):", markup=False)
         console.print(t2a["table"], markup=False)
         console.print(t2a["tail_difference"]["statement"], markup=False)
+    custom = report.get("customization")
+    if custom:
+        console.print(f"customized generation (DreamAudio) on {custom['eval_items']} items of held-out classes "
+                      f"({', '.join(custom['heldout_classes'])}), references never trained on:", markup=False)
+        console.print(custom["table"], markup=False)
     console.print(f"outputs: {args.out.resolve()} (report.json, audio/, spectrograms/) "
                   f"in {report['total_seconds']:.0f} s")
     return 0

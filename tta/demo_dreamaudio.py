@@ -54,7 +54,8 @@ TRAIN_ITEMS = 400  # customized training items (from the train split)
 EVAL_ITEMS = 32  # customized evaluation items (from the held-out split)
 TRAIN_STEPS = 150  # fixed budget: CLAP_A 0.91 (300 steps: 0.96), docs/dreamaudio.md "Demo stage"
 SAMPLE_STEPS = 8  # Euler steps of the main comparison
-STEP_SWEEP = (4, 8, 16, 32)  # Euler steps of the quality-vs-steps rows (with references, the first CHUNK items)
+STEP_SWEEP = (4, 8, 16, 32)  # Euler steps of the quality-vs-steps rows (with references, the first SWEEP_ITEMS)
+SWEEP_ITEMS = 8  # items of the step sweep and of the other-seed diagnostic (they cost 6x the main rows' steps)
 GUIDANCE = 2.0  # the paper's CFG scale (guidance drops prompt and references together)
 TAIL_SECONDS = 0.02  # targets are K clips plus this silence: `customize` counts a clip as short when strictly
 #                     shorter than the target, and every synthetic clip has the same length
@@ -326,11 +327,12 @@ def run_dreamaudio_stage(out: Path, demo_dir: Path, steps: int | None = None, tr
                          eval_items: int = EVAL_ITEMS, sample_steps: int = SAMPLE_STEPS,
                          step_sweep: tuple[int, ...] = STEP_SWEEP, re_audioldm: bool = True,
                          seed: int = 0, references: int = NUM_REFERENCES,
-                         checkpoint: Path | None = None) -> dict[str, Any]:
+                         checkpoint: Path | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """Run the stage (module docstring) into ``out/dreamaudio``; returns the report (also written
     to ``out/dreamaudio/report.json``). ``steps`` None: `TRAIN_STEPS`; ``re_audioldm`` False (or a
     demo folder without one) leaves the Re-AudioLDM row out; ``checkpoint``: score this trained
-    DreamAudio (a ``dreamaudio_final.ckpt`` of an earlier run) instead of training one."""
+    DreamAudio (a ``dreamaudio_final.ckpt`` of an earlier run) instead of training one; ``judge``: the
+    demo's judge when the caller already fitted it on the same manifest and CLAP (its probe is reused)."""
     from tta.training.loading import load_trained, load_trained_part
     from tta.vocoders.factory import build_vocoder
 
@@ -353,7 +355,8 @@ def run_dreamaudio_stage(out: Path, demo_dir: Path, steps: int | None = None, tr
     samples = round(seconds * sr)
     targets = torch.stack([pad_or_crop(load_audio(i.audio, sr)[0], samples) for i in items])
     base_items = read_manifest(parts.manifest)
-    judge = Judge.fit(clap, base_items, sr, n_prompts=1)  # the probe of the demo; its own prompts are unused
+    if judge is None:  # the probe of the demo; its own prompts are unused
+        judge = Judge.fit(clap, base_items, sr, n_prompts=1)
     scorer = Scorer(judge, items, targets, sr, purity["heldout_classes"], clap_module.zero_shot_template)
     voc = build_vocoder(JUDGE_VOCODER, module.mel_config)
     frames = module.generator.frames_for(seconds)
@@ -377,8 +380,8 @@ def run_dreamaudio_stage(out: Path, demo_dir: Path, steps: int | None = None, tr
         timing["re_audioldm"] = round(time.time() - t, 1)
         rows["Re-AudioLDM (demo)"] = scorer.score(vocode(voc, mels["re_audioldm"], samples))
         del ldm
-    # the sweep samples the first chunk (same noise as there in the main rows)
-    first = items[:CHUNK]
+    # the sweep samples the first items (same noise as there in the main rows: SWEEP_ITEMS <= CHUNK)
+    first = items[:SWEEP_ITEMS]
     sub = Scorer(judge, first, targets[: len(first)], sr, purity["heldout_classes"], clap_module.zero_shot_template)
     sweep = {}
     for n in step_sweep:

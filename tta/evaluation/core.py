@@ -95,6 +95,24 @@ def _known(clips: list[Clip], *keys: str) -> Any:
     )
 
 
+def references_protocol(clips: list[Clip]) -> dict[str, Any] | None:
+    """What conditioned the generated clips besides their prompts: the reference clips of a
+    customized set (``generation.references`` rows of `tta generate --manifest`), summarised for the
+    protocol (items with references, references per item, distinct clips, and a SHA-256 of the
+    sorted (id, audio, caption) triples so two evaluations can be told apart); None without any."""
+    rows = [(c.id, (c.extra.get("generation") or {}).get("references") or []) for c in clips]
+    rows = [(i, refs) for i, refs in rows if refs and isinstance(refs, list)]
+    if not rows:
+        return None
+    triples = sorted((i, str(r.get("audio")), str(r.get("caption"))) for i, refs in rows for r in refs)
+    return {
+        "items_with_references": len(rows),
+        "references_per_item": sorted({len(refs) for _, refs in rows}),
+        "distinct_reference_clips": len({a for _, a, _ in triples}),
+        "sha256": hashlib.sha256(json.dumps(triples).encode("utf-8")).hexdigest(),
+    }
+
+
 class _Run:
     """State of one evaluation (metrics, examples, silence flags)."""
 
@@ -378,6 +396,7 @@ def evaluate(
     extra = dict(protocol_extra or {})
     extra.setdefault("guidance", _known(gen, "guidance", "guidance_scale", "cfg"))
     extra.setdefault("steps", _known(gen, "steps", "num_steps"))
+    extra.setdefault("conditioning_references", references_protocol(gen))
     report: dict[str, Any] = {
         "tta_version": __version__,
         "metrics": scores,

@@ -73,6 +73,7 @@ class Job:
     duration: float
     fields: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    references: list[tuple[str, str]] = field(default_factory=list)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -103,7 +104,9 @@ def prompt_jobs(args: argparse.Namespace) -> list[Job]:
 def manifest_jobs(args: argparse.Namespace) -> list[Job]:
     """One clip per item of ``--manifest`` (of ``--split``): its caption ``--caption-index``,
     its id, file stem ``safe_name(id)``, seed ``seed + crc32(id)``, its duration unless
-    ``--duration`` is given, and its labels."""
+    ``--duration`` is given, its labels and its reference clips (a customized manifest's
+    ``references``, recorded under ``generation.references``)."""
+    from tta.data.customize_refs import item_references
     from tta.data.manifest import ManifestError, read_manifest, select_split
     from tta.utils.plots import safe_name
 
@@ -122,9 +125,13 @@ def manifest_jobs(args: argparse.Namespace) -> list[Job]:
                                 f"name {stem}.wav", "id")
         stems[stem] = item.id
         duration = args.duration if args.duration is not None else item.duration or DEFAULT_DURATION
+        refs = [(str(r.audio), r.caption) for r in item_references(item, Path(args.manifest).parent,
+                                                                    manifest=args.manifest)]
+        record = {"source_manifest": str(args.manifest), "split": args.split, "caption_index": k}
+        if refs:
+            record["references"] = [{"audio": a, "caption": c} for a, c in refs]
         jobs.append(Job(item.id, stem, item.captions[k], args.seed + zlib.crc32(item.id.encode("utf-8")), duration,
-                        {"labels": list(item.labels)},
-                        {"source_manifest": str(args.manifest), "split": args.split, "caption_index": k}))
+                        {"labels": list(item.labels)}, record, refs))
     return jobs
 
 
@@ -154,6 +161,7 @@ def generate(args: argparse.Namespace) -> int:
 
         pipe.rerank_clap = load_clap_network(args.rerank_clap).to(args.device)
     inputs = _system_inputs(args, pipe)
+    item_refs = _item_references(jobs, pipe, args)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"pipeline": str(args.pipeline),
               "rerank_clap": None if args.rerank_clap is None else str(args.rerank_clap),
@@ -163,7 +171,8 @@ def generate(args: argparse.Namespace) -> int:
     for batch in batches(jobs, args.batch_size):
         gen = pipe.generate([job.prompt for job in batch], duration=batch[0].duration, steps=args.steps,
                             guidance=args.guidance, seed=[job.seed for job in batch], sampler=args.sampler,
-                            candidates=args.candidates, allow_silent=args.allow_silent, **inputs)
+                            candidates=args.candidates, allow_silent=args.allow_silent, **inputs,
+                            **({"references": [job.references for job in batch]} if item_refs else {}))
         saved = pipe.save(gen, args.out, [job.id for job in batch], record, stems=[job.stem for job in batch])
         for job, row in zip(batch, saved, strict=True):
             row.update(job.fields)
@@ -205,6 +214,26 @@ def check_index_clap(index: Path, clap: Any, what: str) -> None:
     if not meta_path.is_file():
         raise FileNotFoundError(f"--index {index}: no index there (missing {META_FILE}); build one with `tta index build`")
     check_embedding_content(json.loads(meta_path.read_text()), clap_content_hashes(clap), str(index), what)
+
+
+def _item_references(jobs: list[Job], pipe: Any, args: argparse.Namespace) -> bool:
+    """Whether the manifest items' own references go to the pipeline: a DreamAudio pipeline takes
+    them (items without references get none); another pipeline generates from the caption alone
+    (logged). ``--ref`` together with a manifest whose items carry references is refused."""
+    if not any(job.references for job in jobs):
+        return False
+    from tta.pipelines.dreamaudio import DreamAudioPipeline
+
+    if args.ref:
+        raise UsageError(f"--ref given but the items of --manifest {args.manifest} carry their own references: "
+                         "give one or the other")
+    if not isinstance(pipe, DreamAudioPipeline):
+        log.info("the items of %s carry references; %s takes none and generates from the captions alone",
+                 args.manifest, type(pipe).__name__)
+        for job in jobs:  # the rows record what conditioned the generation: references did not
+            job.record.pop("references", None)
+        return False
+    return True
 
 
 def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
