@@ -7,6 +7,7 @@ that no output file is left behind.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,16 @@ def _eval(*extra: str) -> Callable[[Path, dict], list[str]]:
                              *extra]
 
 
+def _eval_short_clip(tmp: Path, ctx: dict, *extra: str) -> list[str]:
+    """Generated and reference folders, each with a 1-s clip and a 300-sample one (the evaluation
+    spectrogram, AudioLDM's mel at 16 kHz, needs 480)."""
+    for side in ("gen", "ref"):
+        _wav(tmp / side / "ok.wav", 16000, sr=16000)
+        _wav(tmp / side / "tiny.wav", 300, sr=16000)
+    return ["eval", "--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--out", str(tmp / "ev"),
+            "--metrics", "psnr", *extra]
+
+
 CASES: dict[str, Case] = {
     # row 6: arguments refused by name, nothing substituted
     "generate --steps 0": Case(_gen("--steps", "0"), 2, ("--steps", ">= 1", "got 0"), "gen"),
@@ -132,6 +143,12 @@ CASES: dict[str, Case] = {
                                        ("silent", "quiet: silent: peak 0"), error_line=False),
     "data check directory as clip": Case(_check(lambda t: {"dir": (t / "clip.wav").mkdir() or t / "clip.wav"}), 1,
                                          ("not_a_file", "clip.wav is a directory"), error_line=False),
+    # row 1 for eval: a clip shorter than the evaluation spectrogram's STFT needs, by file, minimum stated
+    "eval clip too short for the mel": Case(_eval_short_clip, 1, (
+        "1 generated clip(s) too short", "tiny (", "tiny.wav): 300 samples at 16000 Hz", "at least 480 samples",
+        "--pad-short-clips"), "ev"),
+    "eval --seconds shorter than the mel window": Case(
+        lambda tmp, ctx: _eval_short_clip(tmp, ctx, "--seconds", "0.01"), 2, ("--seconds", "0.030 s"), "ev"),
     # row 1: a run started without a check refuses the clip by name
     "fit with a clip too short for the mel": Case(_fit_short_clip, 1, ("tta fit: error:", "tiny", "unusable"),
                                                   "run/checkpoints"),
@@ -352,3 +369,72 @@ def test_nonfinite_per_sample_losses_name_their_clips(tmp_path: Path, caplog: py
     assert len((tmp_path / "nonfinite.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="one loss per clip"):
         module.finite_mean(torch.zeros(3), ["a"])
+
+
+def _tiny_fit(bar: object, max_steps: int = 5) -> None:
+    """A 2-batch-per-epoch fit of a linear layer with ``max_epochs: -1``, stopped by ``max_steps``."""
+    import lightning as L
+    import torch
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            loss = self.lin(batch).pow(2).mean()
+            self.log("loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2)
+    trainer = L.Trainer(max_epochs=-1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[bar], accelerator="cpu")
+    trainer.fit(Tiny(), data)
+
+
+def test_step_bounded_runs_show_steps_not_epoch_minus_two(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Row 11: ``max_epochs: -1`` with ``max_steps: 5``: the plain log lines (output redirected) and the
+    rich bar (a terminal) count steps; neither shows Lightning's ``Epoch 2/-2``."""
+    import io
+    import sys
+
+    import rich
+
+    from tta.cli import build_cli, default_progress
+    from tta.training.callbacks import ProgressLog, StepProgressBar
+
+    with caplog.at_level("INFO", logger="tta"):
+        _tiny_fit(ProgressLog(every_seconds=0))  # a line per step (the CLI's default: every 30 s and the last)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tta.training.callbacks"]
+    assert [line.split(":")[0] for line in lines] == [
+        "step 1/5 (epoch 0, batch 1/2)", "step 2/5 (epoch 0, batch 2/2)", "step 3/5 (epoch 1, batch 1/2)",
+        "step 4/5 (epoch 1, batch 2/2)", "step 5/5 (epoch 2, batch 1/2)"]
+    assert "steps/s, eta " in lines[-1] and "; loss " in lines[-1]
+    console = io.StringIO()
+    try:
+        _tiny_fit(StepProgressBar(console_kwargs={"file": console, "force_terminal": True, "width": 100}))
+    finally:
+        rich.reconfigure()  # the bar reconfigured the global console
+    text = console.getvalue()
+    assert "Epoch 2, step" in text and " 5/5 " in text, text[-400:]
+    assert "/-2" not in text and "/-1" not in text
+    assert isinstance(default_progress(interactive=True), StepProgressBar)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # redirected output: `tta fit` logs its progress
+    cli = build_cli(["--config", str(CONFIGS / "demo" / "vae.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+                    run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, ProgressLog)
+
+
+def test_eval_pads_short_clips_when_asked(tmp_path: Path) -> None:
+    """Row 1 for eval, the explicit option: ``--pad-short-clips`` zero-pads them (logged, recorded)."""
+    import json
+
+    assert main(_eval_short_clip(tmp_path, {}, "--pad-short-clips")) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["protocol"]["pad_short_clips"] is True
+    assert set(report["per_item"]) == {"ok", "tiny"} and math.isfinite(report["metrics"]["psnr"])

@@ -17,7 +17,11 @@ if str(REPO) not in sys.path:  # `tests.*` imports also under a bare `pytest` (t
 
 from tests.fixtures.behaviour.cases import CASES, fixture_path
 
-RTOL, ATOL = 1e-5, 1e-6
+#: float tolerance, not exactness: the fixtures went through third-party code (transformers' BERT /
+#: CLAP text towers, diffusers' DDIM) whose releases move results by ~1e-6 (seen 2026-12-06 with
+#: transformers 5.25 / diffusers 0.42: 4e-6 in a DDIM sample, 3e-5 after one Adam step, which
+#: normalises tiny gradient differences into full-size updates); a behaviour change moves them by far more
+RTOL, ATOL = 1e-4, 1e-4
 CHANGED = ("behaviour changed vs the fixture recorded before the refactor; re-record only if the change is "
            "intended (.venv/bin/python tests/fixtures/behaviour/record.py {name})")
 

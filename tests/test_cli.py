@@ -115,6 +115,10 @@ def test_every_config_instantiates(path: Path, tmp_path: Path) -> None:
         from tests.test_clap_caption import config_overrides
 
         overrides += config_overrides(tmp_path)
+    if "vqgan_prior" in path.name:  # a VQGAN checkpoint of the paired VQGAN config, a tiny text folder
+        from tests.test_vqgan_prior import config_overrides as prior_overrides
+
+        overrides += prior_overrides(path, tmp_path)
     cli = build_cli(["--config", str(path), f"--trainer.default_root_dir={tmp_path}", *overrides], run=False)
     assert cli.model.mel_config == cli.datamodule.mel_config
     assert cli.trainer is not None

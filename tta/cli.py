@@ -28,6 +28,7 @@ commands:
   pipeline import-audioldm DIR --out DIR   a pipeline folder from a diffusers AudioLDM folder
   eval --generated X --reference Y  FAD, KL, IS, CLAP score, ... -> eval.json + eval.md
   demo [--out DIR]                  the end-to-end demo on the built-in synthetic data
+  serve --pipeline DIR [--port N]   a web page that generates with a pipeline (extra: serve)
 
 `tta <command> --help` for the options of a command. Anywhere on the line, --debug (or TTA_DEBUG=1)
 shows the traceback of a refused input, --verbose shows every third-party warning and log line.
@@ -104,15 +105,17 @@ def preprocess_args(argv: list[str]) -> list[str]:
 
 def _make_cli_class() -> type:
     import lightning as L
-    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from tta.training.callbacks import AtomicCheckpointIO, ConfigInCheckpoint
+    from tta.training.slurm import slurm_trainer_setup
 
     class TTACLI(LightningCLI):
         """LightningCLI with tta's defaults: atomic checkpoints loaded with ``weights_only``,
-        the resolved config stored in every checkpoint, the rich progress bar, and ``fit
-        --ckpt_path`` refused when the model arguments differ from the checkpoint's."""
+        the resolved config stored in every checkpoint, progress that reads right for step-bounded
+        runs (`default_progress`), and ``fit --ckpt_path`` refused when the model arguments differ
+        from the checkpoint's."""
 
         def _parse_ckpt_path(self) -> None:
             # Lightning would now overwrite the model arguments with the checkpoint's hyperparameters
@@ -131,12 +134,25 @@ def _make_cli_class() -> type:
             if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(c, ProgressBar) for c in list(configured) + callbacks
             ):
-                callbacks.append(RichProgressBar())
+                callbacks.append(default_progress())
             if not config.get("plugins"):
                 config = {**config, "plugins": [AtomicCheckpointIO()]}
+            config, callbacks = slurm_trainer_setup(config, callbacks)  # no-op outside SLURM
             return super()._instantiate_trainer(config, callbacks)
 
     return TTACLI
+
+
+def default_progress(interactive: bool | None = None) -> Any:
+    """The progress display `tta fit` adds when the config names none: on a terminal the rich bar
+    (`StepProgressBar`: ``Epoch 6, step 120/500``), otherwise (output redirected: SLURM, CI) plain
+    log lines (`ProgressLog`: ``step 120/500 (epoch 6, batch 3/20): ...``). ``interactive`` None:
+    whether standard output is a terminal."""
+    from tta.training.callbacks import ProgressLog, StepProgressBar
+
+    if interactive is None:
+        interactive = sys.stdout.isatty()
+    return StepProgressBar() if interactive else ProgressLog()
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -254,6 +270,10 @@ def _dispatch(cmd: str, rest: list[str], argv: list[str]) -> int:
         from tta.demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "serve":
+        from tta.serve import main as serve_main
+
+        return serve_main(rest)
     sys.stderr.write(f"tta: unknown command {cmd!r}\n\n{USAGE}")
     return 2
 

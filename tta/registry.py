@@ -81,6 +81,10 @@ _BUILTIN_MODULES = (
     "tta.metrics.spectrogram",
     "tta.training.eval_callback",
     "tta.pipelines.ldm",
+    "tta.nn.mel_classifier", "tta.encoders.mel_classifier", "tta.metrics.melception",
+    "tta.nn.code_prior", "tta.generators.vqgan.prior", "tta.pipelines.vqgan",
+    "tta.data.shards_datamodule",
+    "tta.generators.vae.shard_latents",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -1,4 +1,4 @@
-"""``tta data {synth,manifest,check}``: command-line front-end of the data layer.
+"""``tta data {synth,manifest,check,shard}``: command-line front-end of the data layer.
 
 `main` takes the arguments after ``data`` and returns the process exit code (0 = success,
 1 = the data has problems, 2 = bad usage or unreadable metadata).
@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak at or below which a clip is silent (unusable; default %(default)g)")
     p.add_argument("--workers", type=int, default=1, help="threads reading files")
     p.add_argument("--examples", type=int, default=5, help="example ids shown per problem")
+
+    p = sub.add_parser("shard", help="write WebDataset-layout tar shards of a manifest split (streaming training)")
+    p.add_argument("--manifest", type=Path, required=True, help="JSONL manifest")
+    p.add_argument("--out", type=Path, required=True, help="output folder (index.json, shard-NNNNNN.tar)")
+    p.add_argument("--shard-size", type=int, default=1000, help="items per shard (default %(default)s)")
+    p.add_argument("--split", default="train", help="manifest split to shard (default train; 'all': every item)")
+    p.add_argument("--with", dest="with_", default="",
+                   help="cached arrays, comma-separated: mel (whole-clip log-mels), latent (VAE posterior of the "
+                        "fixed training segment; needs --vae and --segment-seconds)")
+    p.add_argument("--mel", default="audioldm", help="mel preset of the cached arrays and the length check")
+    p.add_argument("--segment-seconds", type=float, help="training segment of the latent cache (the datamodule's)")
+    p.add_argument("--vae", type=Path, help="a `vae` checkpoint (tta fit) for --with latent")
+    p.add_argument("--pad-short-clips", action="store_true", help="keep clips too short for the mel (zero-padded)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any clip is unusable")
+    p.add_argument("--force", action="store_true", help="replace the shards already in --out")
 
     from tta.data.customize import add_customize_parser
 
@@ -203,6 +218,47 @@ def _cmd_synth(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+SHARD_ARRAYS = ("mel", "latent", "clap", "t5")
+
+
+def _cmd_shard(args: argparse.Namespace, console: Console) -> int:
+    from tta.data.mel import PRESETS, MelConfig
+    from tta.data.shards_write import write_shards
+
+    check_int("--shard-size", args.shard_size)
+    wanted = [w.strip() for w in args.with_.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(SHARD_ARRAYS))
+    if unknown:
+        raise UsageError(f"--with: unknown arrays {unknown}; choose from {', '.join(SHARD_ARRAYS)}")
+    later = [w for w in wanted if w in ("clap", "t5")]
+    if later:
+        raise UsageError(f"--with {','.join(later)}: not implemented yet (docs/data.md, 'Shards and streaming'); "
+                         "shards cache mel and latent")
+    if args.mel not in PRESETS:
+        raise UsageError(f"--mel: unknown preset {args.mel!r}; presets: {', '.join(sorted(PRESETS))}")
+    if args.segment_seconds is not None:
+        check_float("--segment-seconds", args.segment_seconds, low=0.0, low_open=True)
+    mel = MelConfig.preset(args.mel)
+    sources = {}
+    if "latent" in wanted:
+        if args.vae is None or args.segment_seconds is None:
+            raise UsageError("--with latent needs --vae CKPT (a `vae` checkpoint) and --segment-seconds "
+                             "(the training segment the datamodule will crop)")
+        from tta.registry import get  # the latent source is model code: found by name, tta/data imports no model
+
+        sources["latent"] = get("vae_latents", "encoder")(args.vae, mel)
+    elif args.vae is not None:
+        raise UsageError("--vae applies to --with latent only")
+    segment = None if args.segment_seconds is None else round(args.segment_seconds * mel.sample_rate) // mel.hop_length
+    index = write_shards(args.manifest, args.out, shard_size=args.shard_size,
+                         split=None if args.split == "all" else args.split, mel=mel, store_mel="mel" in wanted,
+                         sources=sources, segment_frames=segment, pad_short_clips=args.pad_short_clips,
+                         strict=args.strict, force=args.force)
+    left = f", {len(index.skipped)} clips left out (see index.json)" if index.skipped else ""
+    console.print(f"{index.total} items in {len(index.shards)} shards under {args.out}{left}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``tta data`` with ``argv`` (the arguments after ``data``); returns the exit code.
 
@@ -216,6 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     from tta.data.customize import run_customize
 
-    commands = {"synth": _cmd_synth, "manifest": _cmd_manifest, "check": _cmd_check,
+    commands = {"synth": _cmd_synth, "manifest": _cmd_manifest, "check": _cmd_check, "shard": _cmd_shard,
                 "customize": lambda a, _console: run_customize(a)}
     return run_guarded(f"data {args.command}", lambda: commands[args.command](args, console))

@@ -331,11 +331,18 @@ class AudioDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        n = batch.get("n_skipped", 0)
-        if n:
-            self.skipped["decode"] += n
-            log.warning("%d clips failed to decode and were skipped (%d so far)", n, self.skipped["decode"])
-        trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None:
-            self._train_loader.mark_consumed()
-        return batch
+        return count_skipped_and_consumed(self, batch)
+
+
+def count_skipped_and_consumed(datamodule: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The ``on_after_batch_transfer`` of tta's datamodules: count (and log) the clips the batch's
+    collate skipped as undecodable, and mark a training batch consumed on the resumable train loader
+    (so a checkpoint taken now resumes after it)."""
+    n = batch.get("n_skipped", 0)
+    if n:
+        datamodule.skipped["decode"] += n
+        log.warning("%d clips failed to decode and were skipped (%d so far)", n, datamodule.skipped["decode"])
+    trainer = datamodule.trainer
+    if trainer is not None and trainer.training and datamodule._train_loader is not None:
+        datamodule._train_loader.mark_consumed()
+    return batch

@@ -17,8 +17,11 @@ from typing import Any
 import torch
 
 from tta.data.audio import AudioLoadError, load_audio, pad_or_crop, resample
+from tta.data.check import mel_min_samples, resampled_length
 from tta.data.manifest import ManifestItem, read_manifest, select_split
+from tta.data.mel import MelConfig
 from tta.metrics.pairing import IdMismatchError
+from tta.utils.errors import TTAError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,10 @@ RESAMPLER = "torchaudio.functional.resample (windowed sinc, default parameters)"
 
 class SilentGenerationError(RuntimeError):
     """Generated clips are all-silent or non-finite and the caller asked to fail on them."""
+
+
+class ClipTooShortError(TTAError, ValueError):
+    """Clips are shorter than the evaluation's mel front-end can analyse (its STFT's reflect padding)."""
 
 
 @dataclass
@@ -158,6 +165,61 @@ def read_wav(
 
         data, sr = sf.read(str(clip.path), dtype="float32", always_2d=True)
         return torch.from_numpy(data.mean(axis=1)), int(sr)
+
+
+def _length(clip: Clip) -> tuple[int, int] | None:
+    """``(samples, sample rate)`` of a clip from its file header (None: unreadable, reported on reading)."""
+    if clip.wav is not None:
+        return (int(clip.wav.shape[-1]), int(clip.sample_rate)) if clip.sample_rate else None
+    if clip.path is None:
+        return None
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(clip.path))
+    except (sf.SoundFileError, RuntimeError, OSError):
+        return None
+    return int(info.frames), int(info.samplerate)
+
+
+def check_lengths(clips: list[Clip], what: str, mel: MelConfig, seconds: float | None = None,
+                  pad: bool = False) -> list[Clip]:
+    """The clips, each long enough for the mel front-end ``mel``: at least `mel_min_samples` at its
+    rate once resampled (the check of the data loaders and ``tta data check``).
+
+    Shorter clips raise `ClipTooShortError` naming each (id, file, length) and the minimum, or with
+    ``pad`` come back zero-padded at their end to that minimum (in-memory clips; logged). With
+    ``seconds`` every clip is padded/cropped to it, so only ``seconds`` itself is checked."""
+    need = mel_min_samples(mel)
+    if seconds is not None:
+        if round(seconds * mel.sample_rate) < need:
+            raise UsageError(f"seconds={seconds} (--seconds) is shorter than the {need / mel.sample_rate:.3f} s "
+                             f"({need} samples at {mel.sample_rate} Hz) the evaluation spectrogram needs")
+        return clips
+    short: list[tuple[int, Clip, int, int]] = []
+    for i, clip in enumerate(clips):
+        length = _length(clip)
+        if length is not None and resampled_length(length[0], length[1], mel.sample_rate) < need:
+            short.append((i, clip, *length))
+    if not short:
+        return clips
+    minimum = (f"at least {need} samples at {mel.sample_rate} Hz ({need / mel.sample_rate:.3f} s; n_fft "
+               f"{mel.n_fft}, hop {mel.hop_length})")
+    listed = "; ".join(f"{c.id} ({c.path if c.path is not None else 'in memory'}): {n} samples at {sr} Hz"
+                       for _, c, n, sr in short[:10]) + ("; ..." if len(short) > 10 else "")
+    if not pad:
+        raise ClipTooShortError(f"{len(short)} {what} clip(s) too short for the evaluation spectrogram, which needs "
+                                f"{minimum}: {listed}. Pass --pad-short-clips (pad_short_clips=True) to zero-pad "
+                                "them, or --seconds to pad/crop every clip")
+    out = list(clips)
+    for i, clip, _, _ in short:
+        wav, sr = read_wav(clip, SilenceReport(0.0))  # as read: non-finite samples are flagged later
+        target = -(-need * sr // mel.sample_rate)  # resampled to mel's rate: >= need samples
+        out[i] = Clip(clip.id, list(clip.captions), list(clip.labels), clip.path,
+                      torch.nn.functional.pad(wav, (0, target - wav.shape[-1])), sr, dict(clip.extra))
+    log.warning("%d %s clip(s) shorter than the evaluation spectrogram needs (%s) are zero-padded: %s",
+                len(short), what, minimum, listed)
+    return out
 
 
 def fit(

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from tta.evaluation.core import DEFAULT_METRICS, METRICS
-from tta.utils.errors import check_float, check_int
+from tta.utils.errors import UsageError, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="clap_trainer checkpoint for clap / clap_a",
     )
     p.add_argument(
+        "--melception",
+        type=Path,
+        default=None,
+        help="mel_classifier checkpoint (tta fit) for mel_fid and mmkl: spectrogram FID and MMKL with the "
+        "classifier standing in for the VQGAN paper's Melception",
+    )
+    p.add_argument(
         "--train-manifest",
         type=Path,
         default=None,
@@ -73,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1e-4,
         help="peak at or below which a clip is silent",
+    )
+    p.add_argument(
+        "--pad-short-clips",
+        action="store_true",
+        help="zero-pad clips shorter than the evaluation spectrogram needs (default: refuse them by name)",
     )
     p.add_argument(
         "--fail-on-silent",
@@ -126,6 +138,13 @@ def main(argv: list[str]) -> int:
         clap_embedder = CLAPAudioEmbedder.from_checkpoint(args.clap, device=args.device)
         clap = clap_embedder.model
         clap.weight_sha256 = clap_embedder.weight_hash
+    melception = None
+    if args.melception is not None:
+        if not {"mel_fid", "mmkl"} & set(metrics):
+            raise UsageError("--melception is only used by the metrics mel_fid and mmkl; add them to --metrics")
+        from tta.metrics.melception import MelClassifierEmbedder
+
+        melception = MelClassifierEmbedder.from_checkpoint(args.melception, device=args.device)
     extra = {
         k: v
         for k, v in (("guidance", args.guidance), ("steps", args.steps))
@@ -135,8 +154,8 @@ def main(argv: list[str]) -> int:
         args.generated, args.reference, metrics, embedder=embedder, clap=clap, out_dir=args.out,
         protocol_extra=extra, train_manifest=args.train_manifest, seconds=args.seconds,
         batch_size=args.batch_size, silence_threshold=args.silence_threshold,
-        fail_on_silent=args.fail_on_silent, fad_inf=args.fad_inf, cache_reference=not args.no_cache,
-        reference_split=args.reference_split,
+        fail_on_silent=args.fail_on_silent, pad_short_clips=args.pad_short_clips, fad_inf=args.fad_inf, cache_reference=not args.no_cache,
+        reference_split=args.reference_split, melception=melception,
     )  # fmt: skip
     log.info("metrics: %s", json.dumps(report["metrics"], sort_keys=True))
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tta import __version__
-from tta.data.mel import MelFrontend
+from tta.data.mel import MelConfig, MelFrontend
 from tta.evaluation.buckets import breakdown
 from tta.evaluation.clips import (
     RESAMPLER,
@@ -28,23 +28,26 @@ from tta.evaluation.clips import (
     SilenceReport,
     SilentGenerationError,
     batches,
+    check_lengths,
     check_pairing,
     fit,
     load_clips,
     read_wav,
     stack_by_length,
 )  # fmt: skip
+from tta.evaluation.melception import NEEDS_MELCEPTION, MelceptionScores
 from tta.metrics.clap_score import CLAPAudioScore, CLAPScore
 from tta.metrics.classifier import InceptionScore, KLDivergence
 from tta.metrics.embedders import Embedder
 from tta.metrics.fad import FrechetAudioDistance, GaussianStats
+from tta.metrics.melception import MelClassifierEmbedder
 from tta.metrics.spectrogram import SpectrogramFID, SpectrogramPSNR
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fad", "kl", "is", "clap", "clap_a", "psnr", "spec_fid")
+METRICS = ("fad", "kl", "is", "clap", "clap_a", "psnr", "spec_fid", "mel_fid", "mmkl")
 DEFAULT_METRICS = ("fad", "kl", "is", "clap")
-PAIRED = {"kl", "clap_a", "psnr"}
+PAIRED = {"kl", "clap_a", "psnr", "mmkl"}
 NEEDS_EMBEDDER = {"fad", "kl", "is"}
 NEEDS_CLAP = {"clap", "clap_a"}
 SPEC_PRESET = "audioldm"
@@ -118,8 +121,9 @@ class _Run:
 
     def __init__(self, metrics: set[str], embedder: Embedder | None, clap: Any, seconds: float | None,
                  batch_size: int, silence: SilenceReport, ref_stats: GaussianStats | None, fad_inf: bool,
-                 is_splits: int, n_examples: int) -> None:  # fmt: skip
+                 is_splits: int, n_examples: int, melception: MelClassifierEmbedder | None = None) -> None:  # fmt: skip
         self.metrics, self.embedder, self.clap = metrics, embedder, clap
+        self.melception = MelceptionScores(melception, metrics, seconds) if metrics & NEEDS_MELCEPTION else None
         self.seconds, self.batch_size, self.silence = seconds, batch_size, silence
         self.spec = MelFrontend(SPEC_PRESET)
         self.fad = (
@@ -173,6 +177,8 @@ class _Run:
             self._clap(loaded, ids, paired_ok, real, captions)
         if self.psnr is not None or self.spec_fid is not None or self.n_examples:
             self._spectrograms(loaded, ids, paired_ok, real)
+        if self.melception is not None:
+            self.melception.feed(loaded, ids, paired_ok, real)
 
     def _for_model(
         self, loaded: list[tuple[Any, ...]], sr_out: int
@@ -274,6 +280,8 @@ class _Run:
                 items(name, metric)
         if self.spec_fid is not None:
             out["spec_fid"] = float(self.spec_fid.compute())
+        if self.melception is not None:
+            out.update(self.melception.results(per_item))
         return out, per_item
 
 
@@ -284,14 +292,18 @@ def evaluate(
     train_manifest: str | os.PathLike | None = None, seconds: float | None = None, batch_size: int = 16,
     silence_threshold: float = 1e-4, fail_on_silent: bool = False, fad_inf: bool = False,
     cache_reference: bool = True, is_splits: int = 10, n_examples: int = 3, reference_split: str | None = None,
+    melception: MelClassifierEmbedder | None = None, pad_short_clips: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Score ``generated`` against ``reference`` and return the report dict (see docs/evaluation.md).
 
     ``generated``/``reference``: a manifest, a folder of audio or a list of `Clip`. ``embedder``
     defaults to YAMNet for FAD/KL/IS; ``clap`` (a `CLAP` network) is needed for ``clap`` and
-    ``clap_a``. ``reference_split``: only that split of a reference manifest (e.g. ``test``, to
+    ``clap_a``; ``melception`` (a mel classifier, `MelClassifierEmbedder`) for ``mel_fid`` and
+    ``mmkl``. ``reference_split``: only that split of a reference manifest (e.g. ``test``, to
     pair with `tta generate --manifest --split test`). ``seconds`` pads/crops every clip (None:
-    native lengths). With ``out_dir`` writes
+    native lengths). Clips shorter than the spectrogram front-end analyses are refused by name
+    (`check_lengths`: `ClipTooShortError`), or zero-padded to its minimum with ``pad_short_clips``.
+    With ``out_dir`` writes
     ``eval.json``, ``eval.md`` and PNG plots. Silent/non-finite generated clips are flagged and left
     out; ``fail_on_silent`` raises `SilentGenerationError` instead.
     """
@@ -314,8 +326,14 @@ def evaluate(
         raise ValueError(
             f"metrics {sorted(set(wanted) & NEEDS_CLAP)} need a CLAP model (--clap CHECKPOINT)"
         )
+    if set(wanted) & NEEDS_MELCEPTION and melception is None:
+        raise ValueError(f"metrics {sorted(set(wanted) & NEEDS_MELCEPTION)} need a mel classifier "
+                         "(--melception CHECKPOINT, a mel_classifier checkpoint)")  # fmt: skip
     gen = load_clips(generated, "generated")
     ref = load_clips(reference, "reference", reference_split)
+    if {"psnr", "spec_fid"} & set(wanted) or n_examples:  # the spectrogram's STFT needs a minimum length
+        gen = check_lengths(gen, "generated", MelConfig.preset(SPEC_PRESET), seconds, pad_short_clips)
+        ref = check_lengths(ref, "reference", MelConfig.preset(SPEC_PRESET), seconds, pad_short_clips)
     if set(wanted) & PAIRED:
         check_pairing(gen, ref)
     ref_by_id = {c.id: c for c in ref}
@@ -350,6 +368,7 @@ def evaluate(
         fad_inf,
         is_splits,
         n_examples,
+        melception,
     )
     need_ref_embed = bool({"kl"} & set(wanted)) or (
         "fad" in wanted and ref_stats is None
@@ -404,6 +423,7 @@ def evaluate(
             "metrics": wanted,
             "embedder": embedder.describe() if embedder is not None else None,
             "clap": _clap_info(clap) if clap is not None else None,
+            "melception": run.melception.protocol() if run.melception is not None else None,
             "resampler": RESAMPLER,
             "sample_rates": {
                 "embedder": embedder.sample_rate if embedder else None,
@@ -423,6 +443,7 @@ def evaluate(
             "kl": "KL(p_reference || q_generated), paired by id; kl_softmax and kl_sigmoid (MMKL)",
             "is_splits": is_splits,
             "silence_threshold": silence_threshold,
+            "pad_short_clips": pad_short_clips,
             **extra,
         },
         "fad_details": run.fad_details,

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 LABELS = {
     "fad": "FAD ↓", "fad_inf": "FAD-inf ↓", "kl_softmax": "KL softmax ↓", "kl_sigmoid": "KL sigmoid (MMKL) ↓",
     "is": "IS ↑", "clap_score": "CLAP score ↑", "clap_a": "CLAP_A ↑", "psnr": "PSNR (dB) ↑", "spec_fid": "spec. FID ↓",
+    "mel_fid": "FID (mel classifier) ↓", "mmkl": "MMKL (mel classifier) ↓", "mmkl_bernoulli": "MMKL Bernoulli ↓",
 }  # fmt: skip
-BUCKET_METRICS = ("clap_score", "kl_sigmoid", "kl_softmax", "clap_a", "psnr", "fad")
+BUCKET_METRICS = ("clap_score", "kl_sigmoid", "kl_softmax", "mmkl", "clap_a", "psnr", "fad")
 
 
 def _fmt(value: Any) -> str:
@@ -135,6 +136,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if emb:
         lines.append(f"- embedder / classifier: **{emb.get('name')}** (sha256 `{str(emb.get('weight_sha256'))[:16]}`), "
                      f"{emb.get('sample_rate')} Hz, {emb.get('dim')}-d, {emb.get('num_classes')} classes")  # fmt: skip
+    if p.get("melception"):
+        m = p["melception"]["classifier"]
+        lines.append(f"- mel classifier (Melception stand-in): {m['source']} (sha256 `{str(m['weight_sha256'])[:16]}`), "
+                     f"{m['front_end']['name']} mels, {m['labels']} labels, MMKL: {p['melception']['mmkl']}")  # fmt: skip
     if p.get("clap"):
         c = p["clap"]
         lines.append(f"- CLAP: {c['audio_encoder']} + {c['text_encoder']}, joint {c['joint_dim']}-d, "

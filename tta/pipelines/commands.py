@@ -35,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True, type=Path, help="a pipeline folder or a latent_diffusion checkpoint")
     p.add_argument("--vocoder", help="universal | griffinlim | a vocoder checkpoint (default: the pipeline's)")
     p.add_argument("--duration", type=float,
-                   help=f"seconds per clip (default {DEFAULT_DURATION}; with --manifest each item's own duration, "
-                        f"where it has one)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
+                   help=f"seconds per clip (default: the pipeline's, else {DEFAULT_DURATION}; with --manifest each "
+                        f"item's own duration, where it has one)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's; VQGAN pipelines refuse it)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.5)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES,
                    help="default: the pipeline's (DDPM models: ddim; rectified flow: euler)")
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, help="retrieve from this `tta index build` directory (Re-AudioLDM)")
     p.add_argument("--ref", action="append", default=None, metavar="PATH=CAPTION",
                    help="a reference clip and its caption for every prompt (DreamAudio pipelines; repeat for several)")
+    p.add_argument("--top-k", type=int, help="VQGAN pipelines: keep the K most probable codes (default: the pipeline's)")
+    p.add_argument("--top-p", type=float, help="VQGAN pipelines: nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--temperature", type=float, help="VQGAN pipelines: code sampling temperature > 0 (default 1)")
     p.add_argument("--allow-silent", action="store_true", help="write silent clips (with a warning) instead of failing")
     p.add_argument("--out", type=Path, default=Path("generations"))
     return p
@@ -70,7 +73,7 @@ class Job:
     stem: str
     prompt: str
     seed: int
-    duration: float
+    duration: float | None  # None: the pipeline's default
     fields: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     references: list[tuple[str, str]] = field(default_factory=list)
@@ -93,7 +96,7 @@ def prompt_jobs(args: argparse.Namespace) -> list[Job]:
     """The clips of the prompts: ids ``<index>_<prompt>``, clip i seeded ``seed + i``."""
     from tta.utils.plots import safe_name
 
-    duration = DEFAULT_DURATION if args.duration is None else args.duration
+    duration = args.duration  # None: the pipeline's default (`generate`)
     jobs = []
     for i, prompt in enumerate(read_prompts(args)):
         clip_id = f"{i:04d}_{safe_name(prompt)[:48]}"
@@ -124,7 +127,7 @@ def manifest_jobs(args: argparse.Namespace) -> list[Job]:
             raise ManifestError(args.manifest, None, f"items {stems[stem]!r} and {item.id!r} both make the file "
                                 f"name {stem}.wav", "id")
         stems[stem] = item.id
-        duration = args.duration if args.duration is not None else item.duration or DEFAULT_DURATION
+        duration = args.duration if args.duration is not None else item.duration or None
         refs = [(str(r.audio), r.caption) for r in item_references(item, Path(args.manifest).parent,
                                                                     manifest=args.manifest)]
         record = {"source_manifest": str(args.manifest), "split": args.split, "caption_index": k}
@@ -155,6 +158,7 @@ def generate(args: argparse.Namespace) -> int:
     jobs = prompt_jobs(args) if args.manifest is None else manifest_jobs(args)
     pipe = load_pipeline(args.pipeline, vocoder=args.vocoder, device=args.device)
     for job in jobs:
+        job.duration = float(pipe.defaults.get("duration", DEFAULT_DURATION)) if job.duration is None else job.duration
         pipe.check_duration(job.duration, "--duration" if args.duration is not None else f"duration of item {job.id!r}")
     if args.rerank_clap is not None:
         from tta.encoders.clap_towers import load_clap_network
@@ -199,6 +203,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_float("--guidance", args.guidance)
     if args.duration is not None:
         check_float("--duration", args.duration, low=0.0, low_open=True)
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k)
+    if args.top_p is not None:
+        check_float("--top-p", args.top_p, low=0.0, low_open=True, high=1.0)
+    if args.temperature is not None:
+        check_float("--temperature", args.temperature, low=0.0, low_open=True)
     if args.strength is not None:
         if args.init_audio is None:
             raise UsageError("--strength needs --init-audio (the audio to edit)")
@@ -237,9 +247,18 @@ def _item_references(jobs: list[Job], pipe: Any, args: argparse.Namespace) -> bo
 
 
 def _system_inputs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
-    """The latent-diffusion options: ``--index`` (Re-AudioLDM's datastore), ``--init-audio`` /
-    ``--strength`` (style transfer), ``--ref`` (DreamAudio's reference clips)."""
+    """The system options: ``--index`` (Re-AudioLDM's datastore), ``--init-audio`` / ``--strength``
+    (style transfer), ``--ref`` (DreamAudio's reference clips), ``--top-k`` / ``--top-p`` /
+    ``--temperature`` (a VQGAN prior's code sampling)."""
     inputs: dict[str, Any] = {}
+    codes = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+    if any(v is not None for v in codes.values()):
+        from tta.pipelines.vqgan import VQGANPipeline
+
+        if not isinstance(pipe, VQGANPipeline):
+            raise UsageError(f"--top-k / --top-p / --temperature given but the pipeline {args.pipeline} "
+                             f"({type(pipe).__name__}) samples no codes (a VQGAN prior pipeline does)")
+        inputs.update({k: v for k, v in codes.items() if v is not None})
     if args.ref:
         from tta.pipelines.dreamaudio import DreamAudioPipeline, parse_references
 
@@ -270,7 +289,8 @@ def _check_defaults(args: argparse.Namespace) -> None:
     """The sampling defaults a folder records: ``--steps`` >= 1, a finite ``--guidance``."""
     if args.steps is not None:
         check_int("--steps", args.steps)
-    check_float("--guidance", args.guidance)
+    if args.guidance is not None:
+        check_float("--guidance", args.guidance)
 
 
 def export_main(argv: list[str]) -> int:
@@ -278,12 +298,12 @@ def export_main(argv: list[str]) -> int:
     from tta.pipelines.base import export_pipeline
 
     p = argparse.ArgumentParser(prog="tta pipeline export", description="Write a self-describing pipeline folder.")
-    p.add_argument("checkpoint", type=Path, help="a latent_diffusion checkpoint")
+    p.add_argument("checkpoint", type=Path, help="a generator checkpoint (latent_diffusion, dreamaudio, vqgan_prior)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocoder", default="universal", help="universal | griffinlim | a vocoder checkpoint")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
     p.add_argument("--steps", type=int, help="default sampling steps (default: the noise process's: DDPM 200)")
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, help="default guidance scale (default: the pipeline's: 3.5 for AudioLDM)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler (default: the noise process's)")
     args = p.parse_args(argv)
     _check_defaults(args)

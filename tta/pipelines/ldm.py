@@ -125,7 +125,8 @@ def _per_candidate(inputs: dict[str, Any], batch: int, n: int) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------- folders
-def _component_network(path: str, attr: str) -> dict[str, Any]:
+def component_network(path: str, attr: str) -> dict[str, Any]:
+    """The ``model.init_args.<attr>`` network config stored in the ``tta fit`` checkpoint ``path``."""
     from tta.training.loading import model_config
     from tta.utils.weights import load_checkpoint
 
@@ -143,7 +144,7 @@ def self_contained_model_config(config: dict[str, Any], module: nn.Module) -> di
     for key, network, attr in (("vae_checkpoint", "vae", "autoencoder"), ("clap_checkpoint", "clap", "clap")):
         path = init.pop(key, None)
         if path:
-            init[network] = _component_network(path, attr)
+            init[network] = component_network(path, attr)
     init["scale_factor"] = module.codec.scale_factor
     init["init_from"] = None
     return {"class_path": config["class_path"], "init_args": init}

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import faiss
 import numpy as np
 
+from tta.retrieval.faiss_build import check_single_faiss
 from tta.utils.files import atomic_path
 
 __all__ = ["INDEX_TYPES", "EmbeddingIndex", "IndexMismatchError", "IndexSpec", "Retriever", "auto_nlist", "build_index"]
@@ -412,7 +413,10 @@ class EmbeddingIndex:
 
     def _maybe_gpu(self, shards: list[faiss.Index]) -> list[faiss.Index]:
         """GPU copies of the shards for searching when faiss-gpu sees a GPU (flat and IVF-Flat/SQ/PQ)."""
-        if not self.spec.use_gpu or self.spec.type in ("hnsw", "ivfrabitq") or faiss.get_num_gpus() < 1:
+        if not self.spec.use_gpu or self.spec.type in ("hnsw", "ivfrabitq"):
+            return list(shards)
+        check_single_faiss()  # faiss-cpu beside faiss-gpu: the GPU build may be hidden, say so
+        if faiss.get_num_gpus() < 1:
             return list(shards)
         try:  # pragma: no cover - needs faiss-gpu and a GPU
             moved = [faiss.index_cpu_to_all_gpus(s) for s in shards]

@@ -12,9 +12,12 @@ It gives every module the same training features:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -130,31 +133,60 @@ class TTAModule(L.LightningModule):
         self.log(f"train/grad_norm_{name}", grad_norm, on_step=True, prog_bar=False)
         return True
 
-    def finite_mean(self, per_sample: torch.Tensor, ids: list[str]) -> torch.Tensor:
-        """Mean of the finite entries of a per-sample loss ``(B,)``: the clips of ``ids`` whose loss is
-        NaN/Inf are named in the log and appended to ``<default_root_dir>/nonfinite.jsonl`` (batch, ids,
-        values); the rest of the batch still trains. With no finite entry the result is non-finite, so
-        `guarded_step` skips the step and the ``nan_max_skips`` abort still applies."""
-        if per_sample.dim() != 1 or per_sample.shape[0] != len(ids):
-            raise ValueError(f"finite_mean needs one loss per clip: got shape {tuple(per_sample.shape)} "
-                             f"for {len(ids)} ids")
-        finite = torch.isfinite(per_sample.detach())
+    def finite_mean(self, losses: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        """Mean of the finite clips' entries of a loss per clip ``(B,)`` or per element ``(B, ...)``:
+        the clips of ``ids`` whose loss is NaN/Inf are named in the log and appended to
+        ``<default_root_dir>/nonfinite.jsonl`` (batch, ids, values). With every clip finite the result
+        is ``losses.mean()`` (for squared errors, exactly the batch MSE); with no finite clip it is
+        non-finite, so `guarded_step` skips the step and the ``nan_max_skips`` abort still applies.
+
+        Gradients reach only the finite entries, but a NaN that flowed through a network before the
+        loss still poisons the weight gradients (0 x NaN); `finite_batch_loss` recomputes instead."""
+        finite = self.record_nonfinite(losses, ids)
         if bool(finite.all()):
-            return per_sample.mean()
-        bad = [(clip, float(v)) for clip, v, ok in zip(ids, per_sample.detach().cpu().tolist(), finite.tolist())
-               if not ok]
+            return losses.mean()
+        return losses[finite].mean() if bool(finite.any()) else losses.sum()
+
+    def record_nonfinite(self, losses: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        """Which clips' losses (``(B,)`` or ``(B, ...)``, one row per id) are finite, as a bool ``(B,)``;
+        the others are logged and written to ``<default_root_dir>/nonfinite.jsonl``."""
+        if losses.dim() < 1 or losses.shape[0] != len(ids):
+            raise ValueError(f"the non-finite check needs one loss per clip: got shape {tuple(losses.shape)} "
+                             f"for {len(ids)} ids")
+        per_clip = losses.detach().flatten(1).mean(1) if losses.dim() > 1 else losses.detach()
+        finite = torch.isfinite(per_clip)
+        if bool(finite.all()):
+            return finite
+        bad = [(str(clip), float(v)) for clip, v, ok in zip(ids, per_clip.cpu().tolist(), finite.tolist()) if not ok]
         log.warning("non-finite loss at batch %d for clip(s) %s; %d of %d clips still train",
                     self.batches_trained, ", ".join(c for c, _ in bad), int(finite.sum()), len(ids))
         if self._trainer is not None and self.trainer.is_global_zero:
-            import json
-            from pathlib import Path
-
             path = Path(self.trainer.default_root_dir) / "nonfinite.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"batch": self.batches_trained, "ids": [c for c, _ in bad],
                                      "loss": [str(v) for _, v in bad]}) + "\n")
-        return per_sample[finite].mean() if bool(finite.any()) else per_sample.sum()
+        return finite
+
+    def finite_batch_loss(self, batch: dict[str, Any],
+                          clip_losses: Callable[[dict[str, Any]], torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``batch`` without its non-finite clips.
+
+        ``clip_losses(batch)`` gives the loss per clip ``(B,)`` or per element ``(B, ...)`` and draws
+        its randomness from `step_generator` (so on a sub-batch it gives what that sub-batch alone
+        gives). All finite: their mean (one forward, the value of the plain batch loss). Some not:
+        they are named (`record_nonfinite`) and the loss is computed again on the other clips alone
+        (`select_clips`), so the step equals the step on the batch without them; a NaN input would
+        otherwise make every weight gradient NaN through the network (0 x NaN). None finite: a
+        non-finite loss, so `guarded_step` skips the step and counts it toward ``nan_max_skips``."""
+        losses = clip_losses(batch)
+        finite = self.record_nonfinite(losses, list(batch["id"]))
+        if bool(finite.all()):
+            return losses.mean()
+        if not bool(finite.any()):
+            return losses.sum()
+        del losses  # the graph through the non-finite clips
+        return clip_losses(select_clips(batch, finite.tolist())).mean()
 
     def _skip(self, optimizer: Any, why: str) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -231,11 +263,27 @@ class TTAModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
 
+def select_clips(batch: dict[str, Any], keep: list[bool]) -> dict[str, Any]:
+    """The clips of a collated batch where ``keep`` is True: every tensor with one row per clip and
+    every list / tuple with one entry per clip is indexed; other entries (``n_skipped``) are kept."""
+    n = len(batch["id"])
+    if len(keep) != n:
+        raise ValueError(f"select_clips: {len(keep)} flags for a batch of {n} clips")
+    rows = [i for i, k in enumerate(keep) if k]
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[torch.tensor(rows, dtype=torch.long, device=value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = type(value)(value[i] for i in rows)
+        else:
+            out[key] = value
+    return out
+
+
 def _remove_stale_checkpoint_temporaries(trainer: L.Trainer) -> None:
     """Remove (and log) the half-written checkpoint temporaries an interrupted run left in the
     checkpoint folders and beside ``ckpt_path``."""
-    from pathlib import Path
-
     from tta.utils.files import remove_stale_temporaries
 
     folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}

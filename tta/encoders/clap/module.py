@@ -83,15 +83,23 @@ class CLAPModule(TTAModule):
         return self.all_gather(x, sync_grads=sync_grads).reshape(-1, *x.shape[1:])
 
     # ------------------------------------------------------------------ train
-    def train_step(self, batch: dict[str, Any]) -> None:
-        (opt, _), = self.optimizer_pairs(1)
+    def contrastive_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """`clip_loss` of this rank's clips against the clips of every rank, and the global batch size.
+
+        The gather keeps the autograd graph (its backward sums every rank's gradient for this rank's
+        embeddings), so after DDP averages the weight gradients over ranks they equal the gradients
+        of the same loss over the global batch in one process (`tests/test_clap_ddp.py`)."""
         audio, text = self.clap(batch["wav"], batch["caption"])
         audio, text = self._gather(audio, True), self._gather(text, True)
-        loss = clip_loss(audio, text, self.clap.logit_scale)
+        return clip_loss(audio, text, self.clap.logit_scale), audio.shape[0]
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        (opt, _), = self.optimizer_pairs(1)
+        loss, global_batch = self.contrastive_loss(batch)
         params = [p for p in self.clap.parameters() if p.requires_grad]
         if self.guarded_step(loss, opt, params, name="clap"):
             self.clap.clamp_logit_scale()
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=audio.shape[0])
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=global_batch)
         self.log("train/temperature", 1.0 / self.clap.logit_scale.detach().exp(), on_step=True)
 
     # ------------------------------------------------------------------- eval

@@ -41,6 +41,7 @@ from torch import nn
 
 from tta.generators.conditioning import ConditionedModel, Conditioner, Conditioning
 from tta.generators.noise import DDPMProcess, NoiseProcess, guided
+from tta.generators.noise.base import Reduction
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,16 @@ class LatentDiffusion(ConditionedModel):
         t: torch.Tensor | None = None,
         drop: dict[str, torch.Tensor] | None = None,
         film: torch.Tensor | None = None,
+        reduction: Reduction = "mean",
     ) -> torch.Tensor:
         """Denoising loss on scaled latents with CFG dropout (``drop`` overrides the random masks);
-        ``inputs``, ``neighbours``, ``film`` as in `conditioning`."""
+        ``inputs``, ``neighbours``, ``film`` as in `conditioning`; ``reduction`` as the process's
+        (``"per_sample"`` / ``"none"``: per clip, so a non-finite clip can be named and left out)."""
         if drop is None:
             drop = self.training_drop(latents.shape[0], generator)
         cond = self.conditioning(inputs, neighbours, drop, film)
-        return self.process.loss(lambda x, tt: self.denoise(x, tt, cond), latents, generator=generator, t=t)
+        return self.process.loss(lambda x, tt: self.denoise(x, tt, cond), latents, generator=generator, t=t,
+                                 reduction=reduction)
 
     @torch.no_grad()
     def sample(

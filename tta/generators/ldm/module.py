@@ -264,8 +264,12 @@ class LatentDiffusionModule(TTAModule):
         return self.generator.query_neighbours(list(captions), exclude=[{i} for i in ids])
 
     def on_fit_start(self) -> None:
-        """Refuse a retrieval datastore that holds non-training clips of the training manifest."""
+        """Refuse a retrieval datastore that holds non-training clips of the training manifest, and
+        cached latents of another VAE."""
         retrieval, dm = self.model.retrieval, getattr(self.trainer, "datamodule", None)
+        from tta.generators.vae.shard_latents import check_cached_latents
+
+        check_cached_latents(self.codec.autoencoder, dm)
         if retrieval is None or retrieval.index_dir is None or not hasattr(dm, "manifest_path"):
             return
         from tta.retrieval.leakage import check_datastore
@@ -300,7 +304,10 @@ class LatentDiffusionModule(TTAModule):
 
     def training_latents(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Scaled posterior samples of the batch's mels (posterior parameters from the cache with
-        ``cache_frozen``: the same draw from the same ``generator`` as live encoding)."""
+        ``cache_frozen``, or precomputed in the batch by ``tta data shard --with latent``: the same
+        draw from the same ``generator`` as live encoding)."""
+        if "latent_moments" in batch:  # the shards datamodule; its VAE is checked in on_fit_start
+            return self.codec.from_moments(batch["latent_moments"].float(), generator)
         mel = batch["mel"].float()
         if not self.cache_frozen:
             return self.codec.encode(mel, generator=generator)
@@ -308,13 +315,18 @@ class LatentDiffusionModule(TTAModule):
                                               mel.device)
         return self.codec.from_moments(moments, generator)
 
-    def train_step(self, batch: dict[str, Any]) -> None:
+    def clip_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of each clip of ``batch`` as squared errors ``(B, C, H, W)`` (their mean is
+        the batch loss); noise, times and dropout from `step_generator`."""
         g = self.step_generator()
         latents = self.training_latents(batch, g)
-        loss = self.model.loss(latents, self.condition_inputs(batch), generator=g)
+        return self.model.loss(latents, self.condition_inputs(batch), generator=g, reduction="none")
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        loss = self.finite_batch_loss(batch, self.clip_losses)  # non-finite clips named and left out
         (opt, sched), = self.optimizer_pairs(1)
         self.guarded_step(loss, opt, [p for p in self.model.parameters() if p.requires_grad], sched)
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=latents.shape[0])
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(batch["id"]))
 
     def fixed_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean loss over ``val_timesteps`` with fixed noise and no condition dropout."""

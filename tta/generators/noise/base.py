@@ -10,13 +10,32 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: a denoiser: (noisy latents, model timesteps (B,) on a 0..1000 scale, larger = noisier) -> model output
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: how a training loss is reduced: ``"mean"`` a scalar (the batch MSE), ``"per_sample"`` one MSE per
+#: sample ``(B,)``, ``"none"`` the squared errors ``(B, ...)`` (as torch's ``reduction="none"``)
+Reduction = Literal["mean", "per_sample", "none"]
+REDUCTIONS: tuple[str, ...] = ("mean", "per_sample", "none")
+
+
+def reduce_mse(out: torch.Tensor, target: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+    """Float32 MSE of ``out`` against ``target`` reduced as ``reduction`` (`Reduction`).
+
+    ``"mean"`` is ``F.mse_loss`` itself; the mean of ``"none"`` equals it bit for bit (one reduction
+    over the same squared errors); ``"per_sample"`` averages each sample's errors (its mean equals
+    ``"mean"`` up to float rounding: every sample has the same number of elements)."""
+    if reduction == "mean":
+        return F.mse_loss(out.float(), target.float())
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    errors = F.mse_loss(out.float(), target.float(), reduction="none")
+    return errors if reduction == "none" else errors.flatten(1).mean(1)
 
 
 class NoiseProcess(nn.Module, metaclass=abc.ABCMeta):
@@ -40,12 +59,15 @@ class NoiseProcess(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> torch.Tensor:
+             t: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
         """MSE of ``denoiser(x_t, t_model)`` against the training target at random times (or the
-        given process-native times ``t``, shape ``(B,)`` or a scalar for the whole batch).
+        given process-native times ``t``, shape ``(B,)`` or a scalar for the whole batch), reduced
+        as ``reduction`` (`reduce_mse`: a scalar, one loss per sample ``(B,)`` so a non-finite
+        sample can be named and left out, or the squared errors).
 
         Times and noise are drawn on the CPU from ``generator`` (noise as float32, then moved to
-        ``x0``'s device and dtype), so a seed gives the same loss on every device."""
+        ``x0``'s device and dtype), so a seed gives the same loss on every device, whatever the
+        reduction."""
 
     @abc.abstractmethod
     def fixed_times(self, fractions: Sequence[float]) -> list[torch.Tensor]:

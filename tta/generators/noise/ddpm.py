@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from tta.generators.noise.base import Denoiser, NoiseProcess
+from tta.generators.noise.base import Denoiser, NoiseProcess, Reduction, reduce_mse
 from tta.registry import register
 
 Objective = Literal["eps", "v"]
@@ -82,7 +81,7 @@ class DDPMProcess(NoiseProcess):
     def fixed_times(self, fractions: Sequence[float]) -> list[torch.Tensor]:
         """Integer steps ``round(f * (T - 1))`` (long scalars) for noise fractions ``f`` in [0, 1]."""
         last = self.num_train_timesteps - 1
-        return [torch.tensor(int(round(f * last)), dtype=torch.long) for f in self.check_fractions(fractions)]
+        return [torch.tensor(round(f * last), dtype=torch.long) for f in self.check_fractions(fractions)]
 
     def _coefs(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alphas_cumprod.to(t.device)[t].view(-1, *([1] * (ndim - 1)))
@@ -105,7 +104,7 @@ class DDPMProcess(NoiseProcess):
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> torch.Tensor:
+             t: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
         """Mean-squared error of the network output against `target` at random (or given) timesteps."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], generator)
@@ -114,7 +113,7 @@ class DDPMProcess(NoiseProcess):
             t = t.expand(x0.shape[0])
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
         out = denoiser(self.q_sample(x0, t, noise), t)
-        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        return reduce_mse(out, self.target(x0, t, noise), reduction)
 
     def make_scheduler(self, sampler: str = "ddim") -> Any:
         """A diffusers scheduler with exactly this schedule: ``"ddim"`` (eta 0), ``"ddpm"`` or

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from tta.generators.noise.base import Denoiser, NoiseProcess
+from tta.generators.noise.base import Denoiser, NoiseProcess, Reduction, reduce_mse
 from tta.registry import register
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ class RectifiedFlow(NoiseProcess):
         return x1 - (1.0 - self.sigma_min) * noise
 
     def loss(self, denoiser: Denoiser, x0: torch.Tensor, generator: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> torch.Tensor:
+             t: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
         """MSE of ``denoiser(z_l, (1 - l) * 1000)`` against the velocity target; ``x0`` is the
         DATA (``z1`` of the path) and ``t`` optional path times ``l`` ((B,) or a scalar)."""
         batch = x0.shape[0]
@@ -115,7 +114,7 @@ class RectifiedFlow(NoiseProcess):
             l = l.expand(batch)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
         out = denoiser(self.q_sample(x0, l, noise), self.model_time(l))
-        return F.mse_loss(out.float(), self.target(x0, noise).float())
+        return reduce_mse(out, self.target(x0, noise), reduction)
 
     @torch.no_grad()
     def sample(

@@ -28,7 +28,7 @@ from tta.generators.vae.network import AutoencoderKL
 from tta.nn.discriminators import NLayerDiscriminator
 from tta.nn.gan_losses import hinge_d_loss, hinge_g_loss
 from tta.registry import register
-from tta.training.base import TTAModule
+from tta.training.base import TTAModule, select_clips
 from tta.training.schedule import adamw_with_warmup
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,10 @@ class VAEModule(TTAModule):
         posterior = self.autoencoder.encode(x)
         eps = torch.randn(posterior.shape, generator=self.step_generator()).to(posterior.mean)
         recon = self.autoencoder.decode(posterior.mean + posterior.std * eps)
+        per_clip = (x.float() - recon.float()).abs().flatten(1).mean(1) + posterior.kl().float()
+        finite = self.record_nonfinite(per_clip, list(batch["id"]))  # NaN/Inf clips named (nonfinite.jsonl)
+        if bool(finite.any()) and not bool(finite.all()):  # the others train alone (docs/training.md)
+            return self.train_step(select_clips(batch, finite.tolist()))
         losses = self._losses(x, recon, posterior)
         loss = losses["nll"] + self.kl_weight * losses["kl"]
         if self.disc_active():

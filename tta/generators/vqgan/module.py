@@ -17,8 +17,9 @@ paper zeroes the adversarial loss in the initial stage).
 Perceptual term ``P`` ("learned perceptual audio patch similarity"): ``perceptual`` is any frozen
 ``nn.Module`` mapping mels ``(B, 1, n_mels, frames)`` to a list of feature maps ``(B, C_s, H_s,
 W_s)``; ``P = mean_b sum_s mean_{h,w} sum_c (phi_s(x) - phi_s(x_hat))^2`` with the features
-unit-normalised over channels first (LPIPS-style, ``perceptual_normalize``). A mel classifier
-trained by tta will plug in here; training it is a separate task.
+unit-normalised over channels first (LPIPS-style, ``perceptual_normalize``). The tta mel classifier
+(`tta.encoders.mel_classifier`) plugs in by ``perceptual_checkpoint``: its multi-scale features,
+loaded frozen from its checkpoint, on the same mel front-end.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class VQGANModule(TTAModule):
         perceptual_weight: weight of ``P``; None: 1.0 with a perceptual network, 0 without (a
             positive weight without a network is an error).
         perceptual_normalize: unit-normalise features over channels before the distance.
+        perceptual_checkpoint: a ``mel_classifier`` checkpoint whose features are ``perceptual``
+            (instead of giving the network); its mel front-end must be this module's.
         adversarial: ``hinge`` or ``lsgan`` (`tta.nn.gan_losses`).
         disc_weight, disc_start, adaptive_weight_range: adversarial weight (see the module docstring).
         lr, betas, weight_decay, warmup_steps: AdamW and its warm-up, shared by both optimizers.
@@ -109,6 +112,7 @@ class VQGANModule(TTAModule):
         codebook_weight: float = 1.0,
         perceptual_weight: float | None = None,
         perceptual_normalize: bool = True,
+        perceptual_checkpoint: str | None = None,
         adversarial: str = "hinge",
         disc_weight: float = 0.8,
         disc_start: int = 30001,
@@ -129,6 +133,8 @@ class VQGANModule(TTAModule):
                             f"SpectrogramVQGAN, got {type(autoencoder).__name__}")  # fmt: skip
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"VQGANModule: rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
+        if perceptual_checkpoint is not None:
+            perceptual = self._perceptual_from(perceptual_checkpoint, perceptual)
         if perceptual_weight is None:
             perceptual_weight = 1.0 if perceptual is not None else 0.0
         if perceptual_weight < 0 or (perceptual_weight > 0 and perceptual is None):
@@ -149,6 +155,17 @@ class VQGANModule(TTAModule):
 
     def ema_target(self) -> nn.Module:
         return self.autoencoder
+
+    def _perceptual_from(self, path: str, given: nn.Module | None) -> nn.Module:
+        """The features of the mel classifier in checkpoint ``path``; its mel front-end must be this module's."""
+        from tta.encoders.mel_classifier import load_mel_classifier
+        from tta.nn.mel_classifier import MelClassifierFeatures
+
+        if given is not None:
+            raise ValueError("VQGANModule: give at most one of perceptual (a network) and perceptual_checkpoint")
+        net = load_mel_classifier(path)
+        self.mel_config.check_compatible(net.mel_config, f"this VQGAN and the mel classifier of {path}")
+        return MelClassifierFeatures(net)
 
     def train(self, mode: bool = True) -> VQGANModule:
         """The perceptual network stays in eval mode (it is frozen)."""
