@@ -32,6 +32,7 @@ from tta.data.audio import save_audio
 from tta.data.datamodule import AudioDataModule
 from tta.demo_clap import instantiate_config, run_clap_stage
 from tta.metrics.spectral import mel_l1, multi_resolution_stft_distance
+from tta.utils.errors import UsageError
 from tta.utils.plots import safe_name, save_spectrograms
 from tta.vocoders.factory import build_vocoder
 
@@ -175,7 +176,7 @@ def _demo_mel() -> Any:
 
 
 def main(argv: list[str]) -> int:
-    """``tta demo [--out DIR] [--steps N] [--clips K]``."""
+    """``tta demo [--out DIR] [--steps N] [--clips K] [--system all|vqgan] [--demo DIR]``."""
     parser = argparse.ArgumentParser(prog="tta demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="VAE training steps (default: the config's)")
@@ -190,6 +191,10 @@ def main(argv: list[str]) -> int:
                         help="test prompts generated per model (default: every captioned test clip)")
     parser.add_argument("--t2a-sample-steps", type=int, default=20,
                         help="sampling steps per generation (DPM-Solver++ for DDPM, Euler for rectified flow)")
+    parser.add_argument("--system", choices=("all", "vqgan"), default="all",
+                        help="all: the demo above; vqgan: only the VQGAN text-to-sound stage (tta.demo_vqgan)")
+    parser.add_argument("--demo", type=Path, default=None,
+                        help="--system vqgan: a finished `tta demo` folder whose CLAP judges (default: train one)")
     parser.add_argument("--dreamaudio-steps", type=int, default=None,
                         help="DreamAudio training steps (default: tta.demo_dreamaudio.TRAIN_STEPS; 0 skips the stage; "
                              "--t2a-prompts also caps its evaluation items)")
@@ -197,6 +202,10 @@ def main(argv: list[str]) -> int:
     from tta.utils.threads import set_threads
 
     set_threads(args.threads)
+    if args.system == "vqgan":
+        return _vqgan_main(args)
+    if args.demo is not None:
+        raise UsageError("--demo applies to --system vqgan only")
     report = run_demo(args.out.resolve(), steps=args.steps, n_clips=args.clips, data_dir=args.data_dir,
                       clap_steps=args.clap_steps, ldm_steps=args.ldm_steps, t2a_prompts=args.t2a_prompts,
                       t2a_sample_steps=args.t2a_sample_steps, dreamaudio_steps=args.dreamaudio_steps)
@@ -231,4 +240,19 @@ def main(argv: list[str]) -> int:
         console.print(custom["table"], markup=False)
     console.print(f"outputs: {args.out.resolve()} (report.json, audio/, spectrograms/) "
                   f"in {report['total_seconds']:.0f} s")
+    return 0
+
+
+def _vqgan_main(args: argparse.Namespace) -> int:
+    """``tta demo --system vqgan [--out DIR] [--demo DIR] [--data-dir DIR] [--clap-steps N] [--t2a-prompts N]``."""
+    from rich.console import Console
+
+    from tta.demo_vqgan import print_report, run_vqgan_stage
+
+    demo_dir = None if args.demo is None else args.demo.resolve()
+    if demo_dir is not None and not (demo_dir / "train_clap" / "clap_final.ckpt").is_file():
+        raise UsageError(f"--demo {args.demo}: no train_clap/clap_final.ckpt there; give a finished `tta demo` folder")
+    report = run_vqgan_stage(args.out.resolve(), demo_dir, data_dir=args.data_dir, clap_steps=args.clap_steps,
+                             n_prompts=args.t2a_prompts)
+    print_report(report, Console())
     return 0
