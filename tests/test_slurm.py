@@ -50,8 +50,9 @@ while [ "$i" -lt "$SLURM_NTASKS_PER_NODE" ]; do
 done
 rc=0; for p in $pids; do wait "$p" || rc=1; done; exit $rc
 """
-# srun that only records the command it would run (one argument a line)
-_ECHO_SRUN = '#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nprintf "%s\\n" "$@" > "$TASK_LOGS/srun.args"\n'
+# srun that only records the command it would run (one argument a line) and the rendezvous host
+_ECHO_SRUN = ('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nprintf "%s\\n" "$@" > "$TASK_LOGS/srun.args"\n'
+              'printf "%s" "${MASTER_ADDR:-}" > "$TASK_LOGS/srun.master"\n')
 
 
 class StepRecorder(L.Callback):
@@ -227,6 +228,8 @@ def test_template_resumes_from_the_newest_checkpoint(tmp_path: Path, template: s
 
     args = srun_args()
     assert args[:4] == ["tta", "fit", "--config", "configs/clap.yaml"] and args[-1] == "--trainer.max_steps=9"
+    if template == "train_multinode.sbatch":  # the first of `scontrol show hostnames`, without a SIGPIPE race
+        assert (tmp_path / "srun.master").read_text() == "node001"
     assert f"--trainer.devices={NTASKS}" in args and "--trainer.num_nodes=1" in args and "--ckpt_path" not in args
     assert f"--trainer.default_root_dir={run.relative_to(tmp_path)}" in args
     logger = json.loads(next(a for a in args if a.startswith("--trainer.logger=")).partition("=")[2])
