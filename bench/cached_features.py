@@ -15,6 +15,7 @@ Both read cached mels, so the difference is the frozen encoder alone. The CLAP F
 (live, cached, live, ...) so that load from other processes hits both; each reports the median
 step time after ``--warmup`` steps, and the ratio uses the best run of each arm.
 Run: ``python bench/cached_features.py --n 48 --steps 12 --repeats 2``. Nothing is asserted.
+The paper-sized Re-AudioLDM step (VAE and CLAP text cached): ``bench/cached_features_paper.py``.
 """
 
 from __future__ import annotations
@@ -63,17 +64,21 @@ class StepTimer(L.Callback):
         self.times.append(self._end - self._t)
 
 
-def vae_checkpoint(root: Path) -> Path:
-    """The demo VAE (random weights) as a checkpoint `load_trained` reads."""
-    cfg = yaml.safe_load((REPO / "configs" / "demo" / "vae.yaml").read_text())["model"]
+def random_checkpoint(cfg: dict[str, Any], path: Path) -> Path:
+    """The module of model config ``cfg`` with random weights, saved as a checkpoint `load_trained` reads."""
     torch.manual_seed(0)
     module = build_model(cfg)
     ckpt: dict[str, Any] = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     ckpt["tta"]["config"] = yaml.safe_dump({"model": cfg})
-    path = root / "vae.ckpt"
     torch.save(ckpt, path)
     return path
+
+
+def vae_checkpoint(root: Path) -> Path:
+    """The demo VAE (random weights) as a checkpoint `load_trained` reads."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo" / "vae.yaml").read_text())["model"]
+    return random_checkpoint(cfg, root / "vae.ckpt")
 
 
 def ldm_config(vae: Path) -> dict[str, Any]:
@@ -86,11 +91,13 @@ def ldm_config(vae: Path) -> dict[str, Any]:
     return cfg
 
 
-def run(shards: Path, vae: Path, cached: list[str], steps: int, batch: int, warmup: int) -> tuple[float, float]:
-    """Median step time and median data gap (s) of ``steps`` training steps."""
+def run(shards: Path, model_cfg: dict[str, Any], cached: list[str], steps: int, batch: int, warmup: int,
+        mel: str = "demo", seconds: float = 3.0) -> tuple[float, float]:
+    """Median step time and median data gap (s) of ``steps`` training steps of ``model_cfg``
+    from the shards (``seconds`` segments of the ``mel`` preset), using the cached arrays ``cached``."""
     torch.manual_seed(0)
-    model = build_model(ldm_config(vae))
-    dm = ShardDataModule(str(shards), mel="demo", segment_seconds=3.0, batch_size=batch, use_cached=cached)
+    model = build_model(model_cfg)
+    dm = ShardDataModule(str(shards), mel=mel, segment_seconds=seconds, batch_size=batch, use_cached=cached)
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -125,7 +132,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {"live": [], "cached": []}
         for r in range(args.repeats):
             for arm, cached in (("live", ["mel"]), ("cached", ["mel", "latent"])):
-                step, gap = run(root / "shards", vae, cached, args.steps, args.batch, args.warmup)
+                step, gap = run(root / "shards", ldm_config(vae), cached, args.steps, args.batch, args.warmup)
                 results[arm].append((step, gap))
                 log.info("repeat %d %-6s: %.3f s/step (%.2f steps/s), data wait %.3f s", r, arm, step, 1 / step, gap)
     live = min(s + g for s, g in results["live"])

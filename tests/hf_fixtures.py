@@ -120,15 +120,17 @@ def roberta_tokenizer() -> Any:
     )
 
 
-def make_gpt2_folder(folder: Path, seed: int = 0, n_positions: int = 64) -> Path:
-    """Tiny GPT2 (2 layers, width 32, ``n_positions`` positions; GPT2's own: 1024) saved as
-    ``GPT2LMHeadModel``; tokenizer without pad token."""
+def make_gpt2_folder(folder: Path, seed: int = 0, n_positions: int = 64, n_embd: int = WIDTH, n_layer: int = 2,
+                     n_head: int = 2) -> Path:
+    """Tiny GPT2 (2 layers, width 32, ``n_positions`` positions unless given; GPT2's own: 1024,
+    768, 12, 12) saved as ``GPT2LMHeadModel``; tokenizer without pad token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _fast(bytelevel_bpe_tokenizer(["<|endoftext|>"]), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tok), n_positions=n_positions, n_embd=WIDTH, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head, bos_token_id=0,
+        eos_token_id=0,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -47,19 +47,20 @@ def build(config: dict[str, Any]) -> Any:
 
 
 def make_store_and_table(ids: list[str], out: Path, k: int = 4, seed: int = 0, audio_dim: int = 12,
-                         text_dim: int = 10) -> tuple[Path, Path]:
-    """A feature store with random audio (3 x ``audio_dim``) and text (5 x ``text_dim``) features per
-    clip, and a neighbour table whose neighbours of clip i are the next k clips (never i itself)."""
+                         text_dim: int = 10, audio_len: int = 3, text_len: int = 5) -> tuple[Path, Path]:
+    """A feature store with random audio (``audio_len`` x ``audio_dim``) and text (``text_len`` x
+    ``text_dim``, the last 2 positions masked) features per clip, and a neighbour table whose
+    neighbours of clip i are the next k clips (never i itself)."""
     from tta.retrieval.features import FeatureStore
     from tta.retrieval.neighbours import NeighbourTable
 
     g = torch.Generator().manual_seed(seed)
     n = len(ids)
-    text_mask = torch.ones(n, 5, dtype=torch.bool)
-    text_mask[:, 3:] = False
-    FeatureStore.write(out / "features", ids, audio=torch.randn(n, 3, audio_dim, generator=g),
-                       audio_mask=torch.ones(n, 3, dtype=torch.bool), text=torch.randn(n, 5, text_dim, generator=g),
-                       text_mask=text_mask)
+    text_mask = torch.ones(n, text_len, dtype=torch.bool)
+    text_mask[:, text_len - 2:] = False
+    FeatureStore.write(out / "features", ids, audio=torch.randn(n, audio_len, audio_dim, generator=g),
+                       audio_mask=torch.ones(n, audio_len, dtype=torch.bool),
+                       text=torch.randn(n, text_len, text_dim, generator=g), text_mask=text_mask)
     positions = np.array([[(i + j) % n for j in range(1, k + 1)] for i in range(n)], dtype=np.int64)
     scores = np.linspace(1, 0, k, dtype=np.float32)[None].repeat(n, 0)
     (out / "index").mkdir(parents=True, exist_ok=True)

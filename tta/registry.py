@@ -85,6 +85,7 @@ _BUILTIN_MODULES = (
     "tta.nn.code_prior", "tta.generators.vqgan.prior", "tta.pipelines.vqgan",
     "tta.data.shards_datamodule",
     "tta.generators.vae.shard_latents",
+    "tta.generators.ldm.shard_conditions",
 )
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +19,10 @@ from tta.data.check import DEFAULT_SILENCE_THRESHOLD, CheckReport, check_manifes
 from tta.data.manifest import write_manifest
 from tta.data.synth import STAMP, ensure_synth
 from tta.utils.errors import UsageError, check_float, check_int
+
+if TYPE_CHECKING:
+    from tta.data.mel import MelConfig
+    from tta.data.shards_write import ArraySource
 
 log = logging.getLogger("tta.data")
 
@@ -79,10 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="manifest split to shard (default train; 'all': every item)")
     p.add_argument("--with", dest="with_", default="",
                    help="cached arrays, comma-separated: mel (whole-clip log-mels), latent (VAE posterior of the "
-                        "fixed training segment; needs --vae and --segment-seconds)")
+                        "fixed training segment; needs --vae and --segment-seconds), clap (CLAP text embedding of "
+                        "every caption; needs --clap), clap_audio (CLAP audio embedding of the fixed training "
+                        "segment; needs --clap and --segment-seconds), t5 (T5 token states and mask of every "
+                        "caption at --t5-length tokens; needs --t5)")
     p.add_argument("--mel", default="audioldm", help="mel preset of the cached arrays and the length check")
-    p.add_argument("--segment-seconds", type=float, help="training segment of the latent cache (the datamodule's)")
+    p.add_argument("--segment-seconds", type=float,
+                   help="training segment of the latent / clap_audio caches (the datamodule's segment_seconds)")
     p.add_argument("--vae", type=Path, help="a `vae` checkpoint (tta fit) for --with latent")
+    p.add_argument("--clap", type=Path, help="for --with clap / clap_audio: the model's CLAP, a `clap_trainer` "
+                                             "checkpoint (its clap_checkpoint) or a LAION CLAP transformers folder")
+    p.add_argument("--t5", type=Path, help="for --with t5: the model's local (Flan-)T5 folder (its t5_text path)")
+    p.add_argument("--t5-length", type=int,
+                   help="for --with t5: tokens per caption, the model's t5_text max_length (default 50)")
     p.add_argument("--pad-short-clips", action="store_true", help="keep clips too short for the mel (zero-padded)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any clip is unusable")
     p.add_argument("--force", action="store_true", help="replace the shards already in --out")
@@ -218,7 +232,40 @@ def _cmd_synth(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-SHARD_ARRAYS = ("mel", "latent", "clap", "t5")
+SHARD_ARRAYS = ("mel", "latent", "clap", "clap_audio", "t5")
+
+
+def _model_sources(args: argparse.Namespace, wanted: list[str], mel: MelConfig) -> dict[str, ArraySource]:
+    """The array sources of the frozen models ``--with`` asks for (found by name: tta/data imports no model)."""
+    from tta.registry import get
+
+    sources: dict[str, ArraySource] = {}
+    segment = [w for w in wanted if w in ("latent", "clap_audio")]
+    if segment and args.segment_seconds is None:
+        raise UsageError(f"--with {','.join(segment)} needs --segment-seconds (the training segment the "
+                         "datamodule will crop)")
+    if "latent" in wanted:
+        if args.vae is None:
+            raise UsageError("--with latent needs --vae CKPT (a `vae` checkpoint)")
+        sources["latent"] = get("vae_latents", "encoder")(args.vae, mel)
+    elif args.vae is not None:
+        raise UsageError("--vae applies to --with latent only")
+    clap = [w for w in wanted if w in ("clap", "clap_audio")]
+    if clap:
+        if args.clap is None:
+            raise UsageError(f"--with {','.join(clap)} needs --clap CKPT_OR_FOLDER (the model's CLAP: a "
+                             "`clap_trainer` checkpoint or a LAION CLAP folder)")
+        sources.update(get("clap_embeddings", "encoder")(args.clap, clap, mel.sample_rate))
+    elif args.clap is not None:
+        raise UsageError("--clap applies to --with clap / clap_audio only")
+    if "t5" in wanted:
+        if args.t5 is None:
+            raise UsageError("--with t5 needs --t5 FOLDER (the model's local T5 / Flan-T5 folder)")
+        length = 50 if args.t5_length is None else check_int("--t5-length", args.t5_length)
+        sources.update(get("t5_tokens", "encoder")(args.t5, length))
+    elif args.t5 is not None or args.t5_length is not None:
+        raise UsageError("--t5 and --t5-length apply to --with t5 only")
+    return sources
 
 
 def _cmd_shard(args: argparse.Namespace, console: Console) -> int:
@@ -230,25 +277,12 @@ def _cmd_shard(args: argparse.Namespace, console: Console) -> int:
     unknown = sorted(set(wanted) - set(SHARD_ARRAYS))
     if unknown:
         raise UsageError(f"--with: unknown arrays {unknown}; choose from {', '.join(SHARD_ARRAYS)}")
-    later = [w for w in wanted if w in ("clap", "t5")]
-    if later:
-        raise UsageError(f"--with {','.join(later)}: not implemented yet (docs/data.md, 'Shards and streaming'); "
-                         "shards cache mel and latent")
     if args.mel not in PRESETS:
         raise UsageError(f"--mel: unknown preset {args.mel!r}; presets: {', '.join(sorted(PRESETS))}")
     if args.segment_seconds is not None:
         check_float("--segment-seconds", args.segment_seconds, low=0.0, low_open=True)
     mel = MelConfig.preset(args.mel)
-    sources = {}
-    if "latent" in wanted:
-        if args.vae is None or args.segment_seconds is None:
-            raise UsageError("--with latent needs --vae CKPT (a `vae` checkpoint) and --segment-seconds "
-                             "(the training segment the datamodule will crop)")
-        from tta.registry import get  # the latent source is model code: found by name, tta/data imports no model
-
-        sources["latent"] = get("vae_latents", "encoder")(args.vae, mel)
-    elif args.vae is not None:
-        raise UsageError("--vae applies to --with latent only")
+    sources = _model_sources(args, wanted, mel)
     segment = None if args.segment_seconds is None else round(args.segment_seconds * mel.sample_rate) // mel.hop_length
     index = write_shards(args.manifest, args.out, shard_size=args.shard_size,
                          split=None if args.split == "all" else args.split, mel=mel, store_mel="mel" in wanted,

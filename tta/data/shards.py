@@ -25,6 +25,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from tta.data.mel import MelConfig
 from tta.utils.errors import TTAError
 
 __all__ = ["AUDIO_EXTENSIONS", "FORMAT", "INDEX_NAME", "VERSION", "ShardError", "ShardIndex", "ShardReader",
-           "ShardRecord", "choose_caption", "crop_segment", "decode_audio", "whole_clip"]
+           "ShardRecord", "caption_index", "caption_rows", "choose_caption", "crop_segment", "decode_audio",
+           "item_captions", "source_inputs", "whole_clip"]
 
 FORMAT = "tta-shards"
 VERSION = 1
@@ -123,12 +125,27 @@ class ShardIndex:
         arrays = data.get("arrays") or []
         if not isinstance(arrays, list) or not all(isinstance(a, str) for a in arrays):
             raise ShardError(f"{path}: field 'arrays': expected a list of names, got {arrays!r}")
-        if arrays and mel_config is None:
-            raise ShardError(f"{path}: field 'mel': cached arrays {arrays} need the mel front-end they were made with")
+        sources = dict(data.get("sources") or {})
+        audio_arrays = [a for a in arrays if source_inputs(sources, a) != "text"]
+        if audio_arrays and mel_config is None:
+            raise ShardError(f"{path}: field 'mel': cached arrays {audio_arrays} need the mel front-end they were "
+                             "made with")
         return cls(root=root, shards=shards, arrays=list(arrays), mel=mel_config,
                    segment_frames=data.get("segment_frames"), split=data.get("split"),
-                   manifest=dict(data.get("manifest") or {}), sources=dict(data.get("sources") or {}),
+                   manifest=dict(data.get("manifest") or {}), sources=sources,
                    skipped=list(data.get("skipped") or []))
+
+    def inputs(self, array: str) -> str:
+        """What cached ``array`` was computed from: ``"mel"`` (the whole clip's log-mel, or a model's
+        output on the fixed segment's log-mel), ``"wav"`` (on the segment's waveform) or ``"text"``
+        (one row per caption, `caption_rows`)."""
+        return source_inputs(self.sources, array)
+
+
+def source_inputs(sources: Mapping[str, Any], array: str) -> str:
+    """The ``inputs`` recorded for ``array`` in an index's ``sources`` (``"mel"`` when none is:
+    the cached log-mel and indexes written before text caches)."""
+    return str((sources.get(array) or {}).get("inputs", "mel"))
 
 
 @dataclass
@@ -264,10 +281,25 @@ def crop_segment(wav: torch.Tensor, mel_spec: torch.Tensor, mel: MelConfig, segm
             torch.nn.functional.pad(mel_spec, (0, seg - frames), value=floor))
 
 
+def item_captions(item: Mapping[str, Any]) -> list[str]:
+    """The captions of a shard item's JSON (the manifest item), as strings."""
+    return [str(c) for c in item.get("captions") or []]
+
+
+def caption_rows(captions: list[str]) -> list[str]:
+    """The texts a per-caption cache stores for an item: row i is caption i; an uncaptioned item
+    has one row, ``""`` (the caption `choose_caption` gives it)."""
+    return list(captions) or [""]
+
+
+def caption_index(count: int, seed: int, first: bool = False) -> int:
+    """Position of the training caption among ``count`` captions (its `caption_rows` row): drawn
+    with ``seed + 1``, or 0 (``first``, or at most one caption)."""
+    if first or count <= 1:
+        return 0
+    return int(np.random.default_rng(seed + 1).integers(count))
+
+
 def choose_caption(captions: list[str], seed: int, first: bool = False) -> str:
     """The caption of a training example: drawn with ``seed + 1`` (or the first one)."""
-    if not captions:
-        return ""
-    if first:
-        return captions[0]
-    return captions[int(np.random.default_rng(seed + 1).integers(len(captions)))]
+    return caption_rows(captions)[caption_index(len(captions), seed, first)]

@@ -6,9 +6,13 @@ trains from it unchanged; cached arrays of the shards are used when present:
 
 - ``mel`` (whole-clip log-mels): replaces the live front-end (random crops are cut from it,
   identical to computing it);
-- per-segment model outputs (e.g. ``latent``, VAE posterior moments) appear in the batch under
-  the key their producer recorded (``latent_moments``); they were computed on the clip's fixed
-  segment (its first ``segment_frames`` frames), so training crops are fixed to frame 0 then.
+- per-segment model outputs (e.g. ``latent``, VAE posterior moments; ``clap_audio``) appear in
+  the batch under the key their producer recorded (``latent_moments``, ``clap_audio``); they were
+  computed on the clip's fixed segment (its first ``segment_frames`` frames), so training crops
+  are fixed to frame 0 then;
+- per-caption model outputs (``clap``, ``t5`` + ``t5_mask``: one row per caption) appear under
+  their batch key as the row of the example's drawn ``caption`` (`ClipSettings.per_caption`);
+  they depend on neither the crop nor the mel front-end.
 
 Splitting, epoch length and resume: `tta.data.shards_stream`.
 """
@@ -94,23 +98,32 @@ class ShardDataModule(L.LightningDataModule):
         unknown = [a for a in wanted if a not in index.arrays]
         if unknown:
             raise ShardError(f"use_cached: {index.root} has no cached arrays {unknown} (it has {index.arrays})")
-        if wanted and index.mel is not None:
+        alone = sorted({str(r) for a in wanted for r in index.sources.get(a, {}).get("requires", [])} - set(wanted))
+        if alone:
+            raise ShardError(f"use_cached: the cached arrays {wanted} of {index.root} need {alone} too (one "
+                             "producer's outputs go together); add them or leave their partners out")
+        audio = [a for a in wanted if index.inputs(a) != "text"]
+        if audio and index.mel is not None:
             index.mel.check_compatible(self.mel_config, f"the cached arrays of {index.root} and this datamodule "
                                                         "(set use_cached: [] to compute mels live)")
-        segment = [a for a in wanted if a != "mel"]
+        segment = [a for a in audio if a != "mel"]
         if segment and index.segment_frames != self.segment_frames:
             raise ShardError(f"{index.root}: cached {segment} were computed on {index.segment_frames}-frame segments, "
                              f"this datamodule crops {self.segment_frames} frames (segment_seconds); reshard with "
                              "a matching --segment-seconds or set use_cached without them")
         return tuple((a, str(index.sources.get(a, {}).get("batch_key", a))) for a in wanted)
 
-    def cached_sources(self) -> dict[str, dict[str, Any]]:
-        """``{batch key: producer metadata}`` of the per-segment arrays the training batches carry
+    def cached_sources(self, role: str = "train") -> dict[str, dict[str, Any]]:
+        """``{batch key: producer metadata}`` of the model-made arrays the ``role`` batches carry
         (models check that the producer matches their frozen component)."""
-        if "train" not in self.indexes:
+        if role not in self.indexes:
             self.setup()
-        index = self.indexes["train"]
+        index = self.indexes[role]
         return {key: dict(index.sources.get(name, {})) for name, key in self._arrays(index) if name != "mel"}
+
+    def index_path(self, role: str = "train") -> Path:
+        """The ``index.json`` of the ``role`` shards (named in errors about their caches)."""
+        return Path(str(self.folders[role])) / "index.json"
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -126,17 +139,32 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         train = role == "train"
         arrays = self._arrays(index)
-        fixed = any(a != "mel" for a, _ in arrays)
+        if not train and self.folders["train"] is not None:
+            self._same_producers(role)
+        per_caption = tuple(a for a, _ in arrays if index.inputs(a) == "text")
+        fixed = [a for a, _ in arrays if a != "mel" and a not in per_caption]
         if train and fixed and self.shuffle:
-            log.info("training crops are fixed to frame 0: the cached %s were computed on that segment",
-                     [a for a, _ in arrays if a != "mel"])
+            log.info("training crops are fixed to frame 0: the cached %s were computed on that segment", fixed)
         spec = StreamSpec(tuple(index.counts), self.batch_size, world=world, rank=rank, seed=self.seed,
                           shuffle=train and self.shuffle, resample=train and self.resample,
                           samples_per_rank=self.samples_per_rank if train else None,
                           shuffle_buffer=self.shuffle_buffer, drop_last=train and self.drop_last, pad=not train)
         clip = ClipSettings(self.mel_config, self.segment_frames, random_crop=train and not fixed,
-                            pad_short_clips=self.pad_short_clips, arrays=arrays)
+                            pad_short_clips=self.pad_short_clips, arrays=arrays, per_caption=per_caption)
         return ShardLoader(ShardStream(index, spec, clip), num_workers=self.num_workers)
+
+    def _same_producers(self, role: str) -> None:
+        """Refuse ``role`` shards whose cached model outputs were made by other models than the
+        training shards' (the model checks only the training ones against its own components)."""
+        def identity(meta: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in meta.items() if k != "checkpoint"}  # the file's name may differ
+
+        train, mine = self.cached_sources("train"), self.cached_sources(role)
+        other = sorted(k for k in set(train) & set(mine) if identity(train[k]) != identity(mine[k]))
+        if other:
+            raise ShardError(f"the cached {other} of {self.index_path(role)} were made by other models or settings "
+                             f"than those of {self.index_path('train')}: reshard one of them, or set use_cached "
+                             "without them")
 
     def train_dataloader(self) -> ShardLoader:
         self._train_loader = self._loader("train")

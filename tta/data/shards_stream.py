@@ -40,7 +40,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tta.data.audio import AudioLoadError
 from tta.data.check import mel_min_samples
 from tta.data.mel import MelConfig, MelFrontend
-from tta.data.shards import ShardError, ShardIndex, ShardReader, choose_caption, crop_segment, decode_audio, whole_clip
+from tta.data.shards import (
+    ShardError,
+    ShardIndex,
+    ShardReader,
+    caption_index,
+    caption_rows,
+    crop_segment,
+    decode_audio,
+    item_captions,
+    whole_clip,
+)
 
 __all__ = ["ClipSettings", "ShardLoader", "ShardStream", "StreamSpec", "item_seed"]
 
@@ -143,8 +153,10 @@ class StreamSpec:
 class ClipSettings:
     """How records become training examples (the audio datamodule's clip preparation).
 
-    ``arrays``: cached arrays to put in the batch, ``{array name: batch key}`` (``"mel"`` replaces
-    the live mel front-end)."""
+    ``arrays``: cached arrays to put in the batch, ``(array name, batch key)`` pairs (``"mel"``
+    replaces the live mel front-end). ``per_caption``: those of them holding one row per caption
+    (`caption_rows`); an example gets the row of the caption it draws, so the cached text
+    embedding always belongs to the batch's ``caption``."""
 
     mel: MelConfig
     segment_frames: int | None
@@ -152,6 +164,7 @@ class ClipSettings:
     first_caption: bool = False
     pad_short_clips: bool = False
     arrays: tuple[tuple[str, str], ...] = ()
+    per_caption: tuple[str, ...] = ()
 
 
 class ShardStream(IterableDataset):
@@ -237,13 +250,21 @@ class ShardStream(IterableDataset):
             with torch.no_grad():
                 mel = frontend(wav)[0]
         start, wav, mel = crop_segment(wav, mel, clip.mel, clip.segment_frames, seed, clip.random_crop)
-        captions = [str(c) for c in record.item.get("captions") or []]
-        out = {"id": record.id, "start": start, "wav": wav, "mel": mel,
-               "caption": choose_caption(captions, seed, clip.first_caption), "captions": captions,
+        captions = item_captions(record.item)
+        rows = caption_rows(captions)
+        row = caption_index(len(captions), seed, clip.first_caption)
+        out = {"id": record.id, "start": start, "wav": wav, "mel": mel, "caption": rows[row], "captions": captions,
                "labels": [str(label) for label in record.item.get("labels") or []]}
         for array, key in clip.arrays:
-            if array != "mel":
-                out[key] = torch.from_numpy(record.arrays[array])
+            if array == "mel":
+                continue
+            value = record.arrays[array]
+            if array in clip.per_caption:
+                if value.ndim == 0 or value.shape[0] != len(rows):
+                    raise ShardError(f"{name}: cached {array!r} has {value.shape[:1]} rows for {len(rows)} caption "
+                                     "row(s); the shard does not match its item's captions")
+                value = value[row]
+            out[key] = torch.from_numpy(np.ascontiguousarray(value))
         return out
 
 

@@ -7,10 +7,13 @@ reason under ``skipped`` in the index, and with ``strict=True`` the command fail
 
 Cached arrays: ``store_mel`` stores the whole clip's log-mel (``<key>.mel.npy``, float32
 ``(n_mels, frames)``), computed exactly as the audio datamodule computes it, so training crops it
-in the frame domain with the same result. Further arrays come from ``sources``: callables that
-map the items' *fixed* training segments (the first ``segment_frames`` frames, padded like a short
-clip) to one row per item. They run frozen models, which live outside ``tta.data``
-(e.g. `tta.generators.vae.shard_latents`), so this module imports no model code.
+in the frame domain with the same result. Further arrays come from ``sources`` (`ArraySource`):
+callables that map either the items' *fixed* training segments (the first ``segment_frames``
+frames, padded like a short clip; as log-mels or waveforms) to one row per item, or the items'
+captions to one row per caption (an item's array is ``(len(caption_rows(captions)), ...)``, row i
+for caption i, so the reader picks the row of the caption it draws). They run frozen models,
+which live outside ``tta.data`` (`tta.generators.vae.shard_latents`,
+`tta.generators.ldm.shard_conditions`), so this module imports no model code.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import soundfile as sf
@@ -41,24 +44,36 @@ from tta.data.shards import (
     VERSION,
     ShardError,
     ShardIndex,
+    caption_rows,
     crop_segment,
+    item_captions,
     whole_clip,
 )
 from tta.utils.errors import UsageError
 from tta.utils.files import atomic_path
 
-__all__ = ["ArraySource", "shard_name", "write_shards"]
+__all__ = ["ArraySource", "SourceInputs", "shard_name", "write_shards"]
 
 log = logging.getLogger(__name__)
 
 
+SourceInputs = Literal["mel", "wav", "text"]
+
+
 @dataclass
 class ArraySource:
-    """A cached array made by a frozen model: ``fn`` maps segment log-mels ``(B, n_mels,
-    segment_frames)`` to ``(B, ...)``; ``meta`` (the model's identity) is recorded in the index."""
+    """A cached array made by a frozen model; ``meta`` (the model's identity) is recorded in the
+    index, with ``inputs``. ``fn`` maps, by ``inputs``:
 
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    - ``"mel"``: the fixed segments' log-mels ``(B, n_mels, segment_frames)`` to ``(B, ...)``;
+    - ``"wav"``: the same segments' waveforms ``(B, segment_frames * hop)`` at the mel front-end's
+      rate to ``(B, ...)``;
+    - ``"text"``: N captions (a list of strings) to ``(N, ...)``; the items' `caption_rows`.
+    """
+
+    fn: Callable[[Any], torch.Tensor]
     meta: dict[str, Any]
+    inputs: SourceInputs = "mel"
 
 
 def shard_name(n: int) -> str:
@@ -114,6 +129,31 @@ def _problem(item: ManifestItem, mel: MelConfig | None, pad_short: bool) -> str 
         if samples < mel_min_samples(mel):
             return f"too short for the mel front-end ({samples} samples at {mel.sample_rate} Hz)"
     return None
+
+
+def _source_rows(sources: dict[str, ArraySource], pending: list[tuple[ManifestItem, Any, Any]],
+                 texts: list[list[str]], mel: MelConfig | None, segment_frames: int | None) -> dict[str, list[np.ndarray]]:
+    """Each source's array of every pending item: segment sources one row per item, text sources
+    the rows of the item's ``texts`` (its `caption_rows`)."""
+    inputs: dict[str, Any] = {"text": [t for rows in texts for t in rows]}
+    if any(s.inputs != "text" for s in sources.values()):
+        cropped = [crop_segment(wav, m, mel, segment_frames, 0, False) for _, wav, m in pending]  # type: ignore[arg-type]
+        inputs["wav"] = torch.stack([c[1] for c in cropped])
+        inputs["mel"] = torch.stack([c[2] for c in cropped])
+    out: dict[str, list[np.ndarray]] = {}
+    for name, source in sources.items():
+        x = inputs[source.inputs]
+        with torch.no_grad():
+            values = source.fn(x)
+        if values.shape[0] != len(x):
+            what = "captions" if source.inputs == "text" else "clips"
+            raise ValueError(f"array source {name!r} returned {values.shape[0]} rows for {len(x)} {what}")
+        array = values.detach().float().cpu().numpy()
+        if source.inputs == "text":
+            out[name] = np.split(array, np.cumsum([len(rows) for rows in texts])[:-1])
+        else:
+            out[name] = list(array)
+    return out
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -187,16 +227,20 @@ def write_shards(
     """Shard the items of ``split`` (None: all) of ``manifest`` into ``out``; see the module doc.
 
     ``mel`` is the front-end of the cached arrays and of the too-short check (required with
-    ``store_mel`` or ``sources``); ``segment_frames`` is the fixed training segment of the
-    ``sources`` arrays. Returns the written index."""
+    ``store_mel`` or segment ``sources``); ``segment_frames`` is the fixed training segment of the
+    segment (``"mel"`` / ``"wav"``) ``sources``. Returns the written index."""
     manifest, out = Path(manifest), Path(out)
     sources = dict(sources or {})
+    bad = {name: s.inputs for name, s in sources.items() if s.inputs not in ("mel", "wav", "text")}
+    if bad:
+        raise ValueError(f"array sources {bad}: inputs must be 'mel', 'wav' or 'text'")
+    segment_sources = sorted(name for name, s in sources.items() if s.inputs != "text")
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    if (store_mel or sources) and mel is None:
+    if (store_mel or segment_sources) and mel is None:
         raise UsageError("cached arrays need the mel front-end (--mel)")
-    if sources and segment_frames is None:
-        raise UsageError(f"cached model outputs {sorted(sources)} are computed on a fixed training segment: "
+    if segment_sources and segment_frames is None:
+        raise UsageError(f"cached model outputs {segment_sources} are computed on a fixed training segment: "
                          "give --segment-seconds")
     clash = {"mel"} & set(sources)
     if clash:
@@ -210,19 +254,11 @@ def write_shards(
     pending: list[tuple[ManifestItem, torch.Tensor | None, torch.Tensor | None]] = []
 
     def flush() -> None:
-        rows: dict[str, np.ndarray] = {}
-        if sources and pending:
-            segments = torch.stack([crop_segment(wav, m, mel, segment_frames, 0, False)[2]
-                                    for _, wav, m in pending])  # type: ignore[arg-type]
-            for name, source in sources.items():
-                with torch.no_grad():
-                    values = source.fn(segments)
-                if values.shape[0] != len(pending):
-                    raise ValueError(f"array source {name!r} returned {values.shape[0]} rows for {len(pending)} clips")
-                rows[name] = values.detach().float().cpu().numpy()
-        for i, (item, _, m) in enumerate(pending):
+        objs = [item.to_json(manifest.parent.absolute()) for item, _, _ in pending]
+        rows = _source_rows(sources, pending, [caption_rows(item_captions(obj)) for obj in objs], mel,
+                            segment_frames) if pending else {}
+        for i, ((item, _, m), obj) in enumerate(zip(pending, objs, strict=True)):
             key = f"{writer.written:09d}"
-            obj = item.to_json(manifest.parent.absolute())
             members = [(f"{key}.json", json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")),
                        (f"{key}.{Path(item.audio).suffix.lower().lstrip('.')}", Path(item.audio).read_bytes())]
             if store_mel:
@@ -235,7 +271,7 @@ def write_shards(
         for item in items:
             reason = _problem(item, mel, pad_short_clips)
             wav = mel_spec = None
-            if reason is None and frontend is not None and (store_mel or sources):
+            if reason is None and frontend is not None and (store_mel or segment_sources):
                 try:
                     wav = whole_clip(load_audio(item.audio, target_sr=mel.sample_rate)[0], mel, minimum,  # type: ignore[union-attr]
                                      pad_short_clips, str(item.audio))
@@ -268,8 +304,8 @@ def write_shards(
         "manifest": {"name": manifest.name, "sha256": _sha256(manifest), "items": len(items)},
         "items": writer.written, "shards": writer.shards, "arrays": arrays,
         "mel": mel.to_dict() if mel is not None and arrays else None,
-        "segment_frames": segment_frames if sources else None,
-        "sources": {name: sources[name].meta for name in sorted(sources)},
+        "segment_frames": segment_frames if segment_sources else None,
+        "sources": {name: {**sources[name].meta, "inputs": sources[name].inputs} for name in sorted(sources)},
         "skipped": skipped,
     }  # fmt: skip
     with atomic_path(out / INDEX_NAME) as tmp:

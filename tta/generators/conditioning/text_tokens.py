@@ -11,6 +11,11 @@ Configured by name alone, e.g. for the demo's frozen MiniLM (the UNet needs
 
 Its null (classifier-free guidance, dropout) is the empty context: an all-False mask, which the
 UNet's cross-attention turns into an exact zero contribution.
+
+Precomputed states: given the input `CACHED_TOKENS` (``(seq, mask)`` of the captions, e.g. the
+``t5`` cache of ``tta data shard``, `tta.generators.ldm.shard_conditions`), it returns those instead
+of running the encoder. Each row's token count is checked against the encoder's tokenization of
+the batch's caption (cheap: no network), so states of another caption are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import torch
 from tta.encoders.base import TextEncoder
 from tta.generators.conditioning.base import Conditioner
 from tta.registry import register
+
+#: optional input: ``(seq (B, L, D), mask (B, L) bool)`` precomputed for the ``captions``
+CACHED_TOKENS = "cached_tokens"
 
 
 @register("conditioner", "text_token_context")
@@ -37,6 +45,7 @@ class TextTokenContext(Conditioner):
 
     route = "context"
     reads = ("captions",)
+    reads_optional = (CACHED_TOKENS,)
 
     def __init__(self, encoder: TextEncoder, dropout: float | None = None) -> None:
         super().__init__(dropout=dropout)
@@ -56,6 +65,28 @@ class TextTokenContext(Conditioner):
         bad = [i for i, c in enumerate(captions) if not isinstance(c, str)]
         if bad:
             raise TypeError(f"conditioner {self.name!r}: captions must be strings; items {bad[:5]} are not")
+        cached = inputs.get(CACHED_TOKENS)
+        if cached is not None:
+            return self._check_cached(cached, captions, device)
         with torch.no_grad():
             emb = self.encoder(list(captions))
         return emb.seq.float().to(device), emb.mask.to(device)
+
+    def _check_cached(self, cached: tuple[torch.Tensor, torch.Tensor], captions: list[str],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Precomputed ``(seq, mask)`` after checking their shape and per-row token counts."""
+        seq, mask = cached
+        if seq.dim() != 3 or seq.shape[-1] != self.dim or tuple(mask.shape) != tuple(seq.shape[:2]) \
+                or seq.shape[0] != len(captions):
+            raise ValueError(f"conditioner {self.name!r}: input {CACHED_TOKENS!r} must be (seq (B={len(captions)}, "
+                             f"L, {self.dim}), mask (B, L)), got {tuple(seq.shape)} and {tuple(mask.shape)}")
+        tokenize = getattr(self.encoder, "tokenize", None)
+        if tokenize is not None:
+            want = tokenize(list(captions))[1].sum(1).tolist()
+            have = mask.sum(1).tolist()
+            bad = [i for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w]
+            if bad:
+                raise ValueError(f"conditioner {self.name!r}: the precomputed token states of row {bad[0]} have "
+                                 f"{have[bad[0]]} tokens but its caption {captions[bad[0]]!r} has {want[bad[0]]}: "
+                                 "they were computed for another caption (or tokenizer)")
+        return seq.float().to(device), mask.bool().to(device)

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from tta.generators.conditioning import Conditioner
+from tta.generators.conditioning.text_tokens import CACHED_TOKENS
 from tta.generators.ldm.conditioning import ClapTextFiLM
 from tta.generators.ldm.generator import LatentAudioGenerator
 from tta.generators.ldm.model import LatentDiffusion
 from tta.generators.ldm.retrieval import RetrievalConditioner
+from tta.generators.ldm.shard_conditions import cached_film, cached_tokens, check_cached_conditions
 from tta.generators.noise import DDPMProcess, NoiseProcess
 from tta.generators.vae.codec import LatentCodec
 from tta.generators.vae.network import AutoencoderKL
@@ -84,7 +86,12 @@ class LatentDiffusionModule(TTAModule):
         cache_frozen: compute the frozen VAE's posterior (mean and log-variance, so every step
             still samples) and, for ``film_source="audio"``, the CLAP audio embedding once per
             training segment and train from that memory cache (`SegmentCache`); the losses equal
-            live encoding. Prompt text vectors are memoised by CLAP itself.
+            live encoding. Prompt text vectors are memoised by CLAP itself. Batches of the
+            ``shards`` datamodule may instead carry these outputs precomputed on disk
+            (``tta data shard --with latent,clap,clap_audio,t5``: ``latent_moments``,
+            ``clap_text`` / ``clap_audio`` and the ``t5_tokens`` of every `TextTokenContext`,
+            `tta.generators.ldm.shard_conditions`); they are used instead of the frozen encoders
+            (checked against them in ``on_fit_start``), with the same losses.
         eval_vocoder, eval_steps: vocoder (``griffinlim``, ``universal`` or a vocoder checkpoint)
             and steps of `generate_for_eval` (the ``eval_metrics`` callback; the process's fast sampler:
             DPM-Solver++ for DDPM, Euler for rectified flow).
@@ -265,11 +272,12 @@ class LatentDiffusionModule(TTAModule):
 
     def on_fit_start(self) -> None:
         """Refuse a retrieval datastore that holds non-training clips of the training manifest, and
-        cached latents of another VAE."""
+        cached latents, CLAP embeddings or token states of other encoders than this model's."""
         retrieval, dm = self.model.retrieval, getattr(self.trainer, "datamodule", None)
         from tta.generators.vae.shard_latents import check_cached_latents
 
         check_cached_latents(self.codec.autoencoder, dm)
+        check_cached_conditions(self.model, self.film_source, dm)
         if retrieval is None or retrieval.index_dir is None or not hasattr(dm, "manifest_path"):
             return
         from tta.retrieval.leakage import check_datastore
@@ -281,12 +289,21 @@ class LatentDiffusionModule(TTAModule):
     def condition_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The conditioners' inputs of a training / validation batch: its entries (``id``,
         ``caption``, ``mel``, ...) plus ``captions``, the ``neighbours`` (see `_neighbours`) and
-        the ``film`` embeddings (None: from the captions)."""
-        return {**batch, "captions": batch["caption"], "neighbours": self._neighbours(batch["id"], batch["caption"]),
-                "film": self._film(batch)}
+        the ``film`` embeddings (None: from the captions), and ``cached_tokens`` when the batch
+        carries token states (`tta.generators.ldm.shard_conditions.cached_tokens`)."""
+        inputs = {**batch, "captions": batch["caption"], "neighbours": self._neighbours(batch["id"], batch["caption"]),
+                  "film": self._film(batch)}
+        tokens = cached_tokens(batch)
+        if tokens is not None:
+            inputs[CACHED_TOKENS] = tokens
+        return inputs
 
     def _film(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """The batch's FiLM embeddings for ``film_source="audio"`` (None: from the captions)."""
+        """The batch's FiLM embeddings: cached in the batch (shards), or for ``film_source="audio"``
+        the clips' CLAP audio embeddings (None: from the captions)."""
+        cached = cached_film(batch, self.film_source) if self.model.text is not None else None
+        if cached is not None:  # checked against this model's CLAP in on_fit_start
+            return cached
         if self.film_source == "text":
             if self.model.text is not None and not self.__dict__.get("_warned_uncaptioned") and any(c == "" for c in batch["caption"]):
                 self.__dict__["_warned_uncaptioned"] = True

@@ -19,6 +19,7 @@ from torch import nn
 from tta.data.mel import MelConfig
 from tta.data.shards_write import ArraySource
 from tta.registry import register
+from tta.training.frozen_cache import check_cache_producer
 
 __all__ = ["LATENT_KEY", "check_cached_latents", "vae_latent_source"]
 
@@ -44,14 +45,10 @@ def vae_latent_source(checkpoint: str | os.PathLike, mel: MelConfig) -> ArraySou
 def check_cached_latents(autoencoder: nn.Module, datamodule: Any) -> None:
     """Raise ValueError when ``datamodule`` serves cached latents of a VAE other than ``autoencoder``."""
     sources = datamodule.cached_sources() if hasattr(datamodule, "cached_sources") else {}
-    meta = sources.get(LATENT_KEY)
-    if meta is None:
+    if LATENT_KEY not in sources:
         return
     from tta.retrieval.features import module_fingerprint
 
-    mine = module_fingerprint(autoencoder)
-    if meta.get("sha256") != mine:
-        raise ValueError(f"the training shards' cached latents were made by VAE {meta.get('checkpoint')!r} "
-                         f"(weights {str(meta.get('sha256'))[:12]}), this model's VAE has weights {mine[:12]}: "
-                         "reshard with `tta data shard --with latent --vae` of this VAE, or set the datamodule's "
+    check_cache_producer(datamodule, LATENT_KEY, {"sha256": module_fingerprint(autoencoder)}, "latents", "VAE",
+                         "Reshard with `tta data shard --with latent --vae` of this VAE, or set the datamodule's "
                          "use_cached without 'latent'")
