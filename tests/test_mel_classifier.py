@@ -207,7 +207,7 @@ def test_tta_eval_with_melception(trained: dict, sets: dict, tmp_path: Path,  # 
                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     from tta.cli import main
     from tta.data.audio import load_audio
-    from tta.metrics.yamnet import file_sha256
+    from tta.utils.files import file_sha256
 
     out = tmp_path / "out"
     argv = ["eval", "--generated", str(sets["gen"]), "--reference", str(sets["ref"]), "--out", str(out),

@@ -84,7 +84,7 @@ def _eval_batch(datamodule: AudioDataModule, n_clips: int) -> dict[str, Any]:
 
 def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Path | None = None,
              clap_steps: int | None = None, ldm_steps: int | None = None, t2a_prompts: int | None = None,
-             t2a_sample_steps: int = 20, dreamaudio_steps: int | None = None) -> dict[str, Any]:
+             t2a_sample_steps: int | None = None, dreamaudio_steps: int | None = None) -> dict[str, Any]:
     """Run the demo and return the report (also written to ``out/report.json``). ``ldm_steps`` or
     ``dreamaudio_steps`` 0 skips that stage (DreamAudio needs the text-to-audio stage's models)."""
     t0 = time.time()
@@ -189,8 +189,9 @@ def main(argv: list[str]) -> int:
                         help="torch CPU threads (default: the usable cores not busy now, at least 1)")
     parser.add_argument("--t2a-prompts", type=int, default=None,
                         help="test prompts generated per model (default: every captioned test clip)")
-    parser.add_argument("--t2a-sample-steps", type=int, default=20,
-                        help="sampling steps per generation (DPM-Solver++ for DDPM, Euler for rectified flow)")
+    parser.add_argument("--t2a-sample-steps", type=int, default=None,
+                        help="sampling steps per generation (DPM-Solver++ for DDPM, Euler for rectified flow; "
+                             "default: tta.demo_ldm.SAMPLE_STEPS)")
     parser.add_argument("--system", choices=("all", "vqgan"), default="all",
                         help="all: the demo above; vqgan: only the VQGAN text-to-sound stage (tta.demo_vqgan)")
     parser.add_argument("--demo", type=Path, default=None,

@@ -1,4 +1,4 @@
-"""``tta data {synth,manifest,check,shard}``: command-line front-end of the data layer.
+"""``tta data {synth,manifest,check,shard,text-cache}``: command-line front-end of the data layer.
 
 `main` takes the arguments after ``data`` and returns the process exit code (0 = success,
 1 = the data has problems, 2 = bad usage or unreadable metadata).
@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-short-clips", action="store_true", help="keep clips too short for the mel (zero-padded)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any clip is unusable")
     p.add_argument("--force", action="store_true", help="replace the shards already in --out")
+
+    p = sub.add_parser("text-cache", help="cache the T5 token states of a manifest's captions and reference "
+                                          "captions (the audio / reference_audio datamodules' text_cache)")
+    p.add_argument("--manifest", type=Path, required=True, help="JSONL manifest")
+    p.add_argument("--t5", type=Path, help="the model's local (Flan-)T5 folder (its t5_text path); required")
+    p.add_argument("--t5-length", type=int, default=50,
+                   help="tokens per caption, the model's t5_text max_length (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (index.json, captions.json, t5.npy, "
+                                                           "t5_mask.npy)")
+    p.add_argument("--split", default="all",
+                   help="manifest split whose captions are cached (default all: every split the datamodule serves)")
+    p.add_argument("--force", action="store_true", help="replace the cache already in --out")
 
     from tta.data.customize import add_customize_parser
 
@@ -293,6 +305,25 @@ def _cmd_shard(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_text_cache(args: argparse.Namespace, console: Console) -> int:
+    from tta.data.text_cache import check_out, write_text_cache
+    from tta.registry import get
+
+    if args.t5 is None:
+        raise UsageError("--t5 FOLDER is required (the model's local T5 / Flan-T5 folder)")
+    if not args.t5.is_dir():
+        raise UsageError(f"--t5 {args.t5}: no such folder")
+    if not args.manifest.is_file():
+        raise UsageError(f"--manifest {args.manifest}: no such file")
+    length = check_int("--t5-length", args.t5_length)
+    check_out(args.out, args.force)  # before loading the model
+    sources = get("t5_tokens", "encoder")(args.t5, length)  # by name: tta/data imports no model
+    cache = write_text_cache(args.manifest, args.out, sources, split=None if args.split == "all" else args.split,
+                             force=args.force)
+    console.print(f"{len(cache)} texts ({length} T5 tokens each) cached under {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``tta data`` with ``argv`` (the arguments after ``data``); returns the exit code.
 
@@ -307,5 +338,5 @@ def main(argv: list[str] | None = None) -> int:
     from tta.data.customize import run_customize
 
     commands = {"synth": _cmd_synth, "manifest": _cmd_manifest, "check": _cmd_check, "shard": _cmd_shard,
-                "customize": lambda a, _console: run_customize(a)}
+                "text-cache": _cmd_text_cache, "customize": lambda a, _console: run_customize(a)}
     return run_guarded(f"data {args.command}", lambda: commands[args.command](args, console))

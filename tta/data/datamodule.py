@@ -12,6 +12,10 @@
 - ``predict_dataloader`` (``tta predict``, e.g. feature extraction) yields every usable clip of
   ``predict_splits`` (default: all splits) exactly once, in manifest order, cropped from its start
   (no random crop) and with its *first* caption; under DDP Lightning shards it without repeats.
+- ``text_cache`` (a ``tta data text-cache`` folder, `tta.data.text_cache`): train / val / test
+  batches also carry the cached T5 token states of their captions (``t5_tokens``, ``t5_mask``),
+  which models read instead of running their frozen T5; every caption of the three splits must be
+  cached (checked in ``setup``), and `cached_sources` gives the producer models check at fit start.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from tta.data.check import mel_min_samples, resampled_length
 from tta.data.manifest import ManifestItem, read_manifest
 from tta.data.mel import MelConfig, MelFrontend
 from tta.data.sampling import EpochSampler, ResumableDataLoader
+from tta.data.shards import caption_rows
 from tta.data.synth import ensure_synth
+from tta.data.text_cache import INDEX_NAME as TEXT_CACHE_INDEX
+from tta.data.text_cache import T5_TOKENS_KEY, CachedTextCollate, TextCache
 from tta.registry import register
 from tta.utils.weights import atomic_save, load_checkpoint
 
@@ -185,6 +192,8 @@ class AudioDataModule(L.LightningDataModule):
         pad_short_clips: zero-pad clips shorter than the mel front-end's minimum
             (`tta.data.check.mel_min_samples`) instead of refusing them.
         predict_splits: manifest splits served by ``predict_dataloader`` (None: every clip).
+        text_cache: a ``tta data text-cache`` folder: batches carry the cached T5 token states of
+            their captions (see the module docstring); None: none.
     """
 
     def __init__(
@@ -204,6 +213,7 @@ class AudioDataModule(L.LightningDataModule):
         test_split: str = "test",
         predict_splits: list[str] | None = None,
         pad_short_clips: bool = False,
+        text_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.manifest = manifest
@@ -221,6 +231,8 @@ class AudioDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.predict_splits = None if predict_splits is None else list(predict_splits)
         self.pad_short_clips = pad_short_clips
+        self.text_cache = text_cache
+        self._text_cache: TextCache | None = None
         self.datasets: dict[str, ClipDataset] = {}
         self.skipped = {"header": 0, "decode": 0}
         self._train_loader: ResumableDataLoader | None = None
@@ -281,6 +293,9 @@ class AudioDataModule(L.LightningDataModule):
                 )
             if not self.datasets["train"].items and stage in (None, "fit"):
                 raise ValueError(f"manifest {self.manifest_path()} has no clips in split {self.splits['train']!r}")
+            self.require_cached("captions", {
+                role: [t for i in self.datasets[role].items for t in caption_rows(list(i.captions))]
+                for role in self.splits})
         if stage == "predict" and "predict" not in self.datasets:
             self._setup_predict()
 
@@ -296,6 +311,38 @@ class AudioDataModule(L.LightningDataModule):
             pad_short_clips=self.pad_short_clips,
         )
 
+    # ------------------------------------------------------------ text cache
+    def text_cache_reader(self) -> TextCache | None:
+        """The ``text_cache`` folder, loaded and checked on first use (None without one)."""
+        if self.text_cache is not None and self._text_cache is None:
+            self._text_cache = TextCache.load(self.text_cache)
+        return self._text_cache
+
+    def require_cached(self, what: str, texts: dict[str, list[str]]) -> None:
+        """With a text cache: refuse (naming the split) texts of a role's clips that it lacks."""
+        cache = self.text_cache_reader()
+        if cache is None:
+            return
+        for role, role_texts in texts.items():
+            cache.require(role_texts, f"{what} of split {self.splits[role]!r}")
+
+    def cached_sources(self, role: str = "train") -> dict[str, dict[str, Any]]:
+        """``{batch key: producer metadata}`` of the cached model outputs the batches carry (the
+        text cache's T5 states; empty without one): models check it against their encoder."""
+        cache = self.text_cache_reader()
+        return {} if cache is None else {T5_TOKENS_KEY: cache.meta}
+
+    def index_path(self, role: str = "train") -> Path:
+        """The text cache's ``index.json`` (named in errors about the cache)."""
+        if self.text_cache is None:
+            raise ValueError("this datamodule has no text_cache, hence no cache index")
+        return Path(self.text_cache).expanduser() / TEXT_CACHE_INDEX
+
+    def batch_collate(self, collate: Any = collate_clips) -> Any:
+        """``collate``, adding the cached T5 states of the batch's captions when a text cache is set."""
+        cache = self.text_cache_reader()
+        return collate if cache is None else CachedTextCollate(collate, cache)
+
     # ----------------------------------------------------------- dataloaders
     def _loader(self, role: str, shuffle: bool) -> ResumableDataLoader:
         ds = self.datasets[role]
@@ -303,7 +350,7 @@ class AudioDataModule(L.LightningDataModule):
         sampler = EpochSampler(ds, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank,
                                batch_size=self.batch_size, pad=role != "train")  # evaluation sees every clip
         return ResumableDataLoader(
-            ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_clips,
+            ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.batch_collate(),
             persistent_workers=self.num_workers > 0, drop_last=(role == "train"),
         )
 

@@ -14,6 +14,11 @@ References are checked in ``setup`` (`check_references`: malformed field, missin
 file): such items are named, counted with the unusable clips and skipped, and the split's
 ``max_bad_fraction`` applies to both. An item with more than K references is an error naming it.
 ``predict_dataloader`` serves plain clips (feature extraction needs no references).
+
+With ``text_cache`` (`tta.data.text_cache`) the batches also carry the cached T5 states of the
+reference captions, ``reference_t5_tokens`` ``(B, K, L, D)`` and ``reference_t5_mask``
+``(B, K, L)`` (besides the prompt's ``t5_tokens`` / ``t5_mask``); ``setup`` refuses a cache that
+lacks any of them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from tta.data.customize_refs import Reference, check_references, item_references
 from tta.data.datamodule import AudioDataModule, ClipDataset, TooManyBadClipsError, collate_clips
 from tta.data.manifest import ManifestError
 from tta.data.sampling import ResumableDataLoader
+from tta.data.text_cache import REF_T5_TOKENS_KEY, T5_TOKENS_KEY
 from tta.registry import register
 
 log = logging.getLogger(__name__)
@@ -146,9 +152,18 @@ class ReferenceAudioDataModule(AudioDataModule):
                     f"unusable references (max_bad_fraction={self.max_bad_fraction}); first: {', '.join(dropped[:5])}. "
                     "Run `tta data check` on the manifest.")
             self.datasets[role] = ReferenceClipDataset(clips, refs, self.num_references, self.reference_samples)
+        self.require_cached("reference captions", {
+            role: [r.caption for i in self.datasets[role].items for r in refs.get(i.id, [])] for role in self.splits})
+
+    def cached_sources(self, role: str = "train") -> dict[str, dict[str, Any]]:
+        """`AudioDataModule.cached_sources` plus the reference captions' states (the same producer)."""
+        sources = super().cached_sources(role)
+        if T5_TOKENS_KEY in sources:
+            sources[REF_T5_TOKENS_KEY] = dict(sources[T5_TOKENS_KEY])
+        return sources
 
     def _loader(self, role: str, shuffle: bool) -> ResumableDataLoader:
         base = super()._loader(role, shuffle)  # the sampler, batch size and worker settings
         return ResumableDataLoader(base.dataset, base.sampler, batch_size=base.batch_size,
-                                   num_workers=base.num_workers, collate_fn=collate_references,
+                                   num_workers=base.num_workers, collate_fn=self.batch_collate(collate_references),
                                    persistent_workers=base.persistent_workers, drop_last=base.drop_last)

@@ -18,7 +18,6 @@ which live outside ``tta.data`` (`tta.generators.vae.shard_latents`,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -50,7 +49,7 @@ from tta.data.shards import (
     whole_clip,
 )
 from tta.utils.errors import UsageError
-from tta.utils.files import atomic_path
+from tta.utils.files import atomic_path, file_sha256
 
 __all__ = ["ArraySource", "SourceInputs", "shard_name", "write_shards"]
 
@@ -96,14 +95,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _problem(item: ManifestItem, mel: MelConfig | None, pad_short: bool) -> str | None:
@@ -204,7 +195,7 @@ class _Writer:
             self._ctx.__exit__(type(failed), failed, failed.__traceback__)
         else:
             self._ctx.__exit__(None, None, None)
-            self.shards.append({"name": name, "items": self._count, "sha256": _sha256(self.out / name)})
+            self.shards.append({"name": name, "items": self._count, "sha256": file_sha256(self.out / name)})
             log.info("wrote %s (%d items)", self.out / name, self._count)
         self._tar, self._ctx, self._count = None, None, 0
 
@@ -301,7 +292,7 @@ def write_shards(
     arrays = sorted((["mel"] if store_mel else []) + list(sources))
     index = {
         "format": FORMAT, "version": VERSION, "split": split, "shard_size": shard_size,
-        "manifest": {"name": manifest.name, "sha256": _sha256(manifest), "items": len(items)},
+        "manifest": {"name": manifest.name, "sha256": file_sha256(manifest), "items": len(items)},
         "items": writer.written, "shards": writer.shards, "arrays": arrays,
         "mel": mel.to_dict() if mel is not None and arrays else None,
         "segment_frames": segment_frames if segment_sources else None,

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tta.metrics.yamnet import YAMNet, file_sha256
+from tta.metrics.yamnet import YAMNet
+from tta.utils.files import file_sha256
 
 __all__ = [
     "CLAPAudioEmbedder",

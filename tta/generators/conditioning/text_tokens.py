@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tta.data.text_cache import T5_TOKENS_KEY
 from tta.encoders.base import TextEncoder
 from tta.generators.conditioning.base import Conditioner
 from tta.registry import register
@@ -46,6 +47,7 @@ class TextTokenContext(Conditioner):
     route = "context"
     reads = ("captions",)
     reads_optional = (CACHED_TOKENS,)
+    cached_tokens_key = T5_TOKENS_KEY
 
     def __init__(self, encoder: TextEncoder, dropout: float | None = None) -> None:
         super().__init__(dropout=dropout)
@@ -54,6 +56,11 @@ class TextTokenContext(Conditioner):
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.dim = int(encoder.dim)
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The frozen encoder (whose states a cache under `cached_tokens_key` must come from)."""
+        return self.encoder
 
     def train(self, mode: bool = True) -> TextTokenContext:
         super().train(mode)
@@ -75,18 +82,27 @@ class TextTokenContext(Conditioner):
     def _check_cached(self, cached: tuple[torch.Tensor, torch.Tensor], captions: list[str],
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Precomputed ``(seq, mask)`` after checking their shape and per-row token counts."""
-        seq, mask = cached
-        if seq.dim() != 3 or seq.shape[-1] != self.dim or tuple(mask.shape) != tuple(seq.shape[:2]) \
-                or seq.shape[0] != len(captions):
-            raise ValueError(f"conditioner {self.name!r}: input {CACHED_TOKENS!r} must be (seq (B={len(captions)}, "
-                             f"L, {self.dim}), mask (B, L)), got {tuple(seq.shape)} and {tuple(mask.shape)}")
-        tokenize = getattr(self.encoder, "tokenize", None)
-        if tokenize is not None:
-            want = tokenize(list(captions))[1].sum(1).tolist()
-            have = mask.sum(1).tolist()
-            bad = [i for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w]
-            if bad:
-                raise ValueError(f"conditioner {self.name!r}: the precomputed token states of row {bad[0]} have "
-                                 f"{have[bad[0]]} tokens but its caption {captions[bad[0]]!r} has {want[bad[0]]}: "
-                                 "they were computed for another caption (or tokenizer)")
-        return seq.float().to(device), mask.bool().to(device)
+        return check_cached_tokens(cached, captions, self.encoder, self.dim, device,
+                                   f"conditioner {self.name!r}: input {CACHED_TOKENS!r}")
+
+
+def check_cached_tokens(cached: tuple[torch.Tensor, torch.Tensor], captions: list[str], encoder: TextEncoder,
+                        dim: int, device: torch.device, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed ``(seq (B, L, dim), mask (B, L))`` of ``captions`` on ``device`` (float, bool),
+    after checking their shape and each row's token count against ``encoder.tokenize`` of its
+    caption (when the encoder has one); ValueErrors start with ``where`` (what is checked)."""
+    seq, mask = cached
+    if seq.dim() != 3 or seq.shape[-1] != dim or tuple(mask.shape) != tuple(seq.shape[:2]) \
+            or seq.shape[0] != len(captions):
+        raise ValueError(f"{where} must be (seq (B={len(captions)}, L, {dim}), mask (B, L)), got "
+                         f"{tuple(seq.shape)} and {tuple(mask.shape)}")
+    tokenize = getattr(encoder, "tokenize", None)
+    if tokenize is not None:
+        want = tokenize(list(captions))[1].sum(1).tolist()
+        have = mask.sum(1).tolist()
+        bad = [i for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w]
+        if bad:
+            raise ValueError(f"{where}: the precomputed token states of row {bad[0]} have {have[bad[0]]} tokens but "
+                             f"its caption {captions[bad[0]]!r} has {want[bad[0]]}: they were computed for another "
+                             "caption (or tokenizer)")
+    return seq.float().to(device), mask.bool().to(device)

@@ -19,7 +19,10 @@ all-False ``present`` (the MRC UNet's residuals of those rows are exactly zero) 
 `ReferenceCaptions` puts the text encoder's token states of the K captions, concatenated along the
 sequence (``(B, K * L, D)``, masks kept, absent references masked out), on the ``refcap`` context.
 Built without an encoder it shares another conditioner's (`share_text_encoder`): the prompt's
-Flan-T5, stored once.
+Flan-T5, stored once. Given the optional input `REF_CACHED_TOKENS` (``(seq (B, K, L, D), mask
+(B, K, L))`` precomputed for ``reference_captions``, e.g. by the datamodule's ``text_cache``), it
+uses those instead of running the encoder, after the checks of `TextTokenContext`'s cached input
+(shape, each row's token count against its caption's tokenization).
 """
 
 from __future__ import annotations
@@ -29,19 +32,22 @@ from typing import Any
 
 import torch
 
+from tta.data.text_cache import REF_T5_TOKENS_KEY
 from tta.encoders.base import TextEncoder
 from tta.generators.conditioning.base import Conditioner
-from tta.generators.conditioning.text_tokens import TextTokenContext
+from tta.generators.conditioning.text_tokens import TextTokenContext, check_cached_tokens
 from tta.nn.mrc_unet import PROMPT, REFCAP, REFERENCES
 from tta.nn.reference_align import fit_size
 from tta.registry import register
 
-__all__ = ["LATENT_SIZE", "PROMPT", "REFCAP", "REFERENCES", "REF_CAPTIONS", "REF_LATENTS", "REF_PRESENT",
-           "ReferenceCaptions", "ReferenceLatents", "share_text_encoder"]
+__all__ = ["LATENT_SIZE", "PROMPT", "REFCAP", "REFERENCES", "REF_CACHED_TOKENS", "REF_CAPTIONS", "REF_LATENTS",
+           "REF_PRESENT", "ReferenceCaptions", "ReferenceLatents", "share_text_encoder"]
 
 REF_LATENTS = "reference_latents"
 REF_PRESENT = "reference_present"
 REF_CAPTIONS = "reference_captions"
+#: optional input: ``(seq (B, K, L, D), mask (B, K, L))`` precomputed for the ``reference_captions``
+REF_CACHED_TOKENS = "reference_cached_tokens"
 LATENT_SIZE = "latent_size"
 
 
@@ -116,6 +122,8 @@ class ReferenceCaptions(Conditioner):
 
     route = "context"
     reads = (REF_CAPTIONS, REF_PRESENT)
+    reads_optional = (REF_CACHED_TOKENS,)
+    cached_tokens_key = REF_T5_TOKENS_KEY
 
     def __init__(self, encoder: TextEncoder | None = None, dropout: float | None = None) -> None:
         super().__init__(dropout)
@@ -156,13 +164,30 @@ class ReferenceCaptions(Conditioner):
         if len(captions) != b or any(len(row) != k for row in captions):
             raise ValueError(f"conditioner {self.name!r}: {REF_CAPTIONS!r} must be {b} lists of {k} captions, "
                              f"got lengths {[len(row) for row in captions]}")
-        flat = [str(c) if p else "" for row, keep in zip(captions, present.tolist()) for c, p in zip(row, keep)]
-        with torch.no_grad():
-            emb = self.text_encoder(flat)
-        seq, mask = emb.seq.float().to(device), emb.mask.to(device)
+        cached = inputs.get(REF_CACHED_TOKENS)
+        if cached is not None:  # states of every caption as given (absent ones masked out below)
+            seq, mask = self._check_cached(cached, captions, device)
+        else:
+            flat = [str(c) if p else "" for row, keep in zip(captions, present.tolist()) for c, p in zip(row, keep)]
+            with torch.no_grad():
+                emb = self.text_encoder(flat)
+            seq, mask = emb.seq.float().to(device), emb.mask.to(device)
         mask = mask & present.to(device).reshape(-1, 1)
         length = seq.shape[1]
         return seq.reshape(b, k * length, seq.shape[-1]), mask.reshape(b, k * length)
+
+    def _check_cached(self, cached: tuple[torch.Tensor, torch.Tensor], captions: list[list[str]],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The precomputed ``(seq (B*K, L, D), mask (B*K, L))`` of the B x K ``captions``, checked."""
+        seq, mask = cached
+        b, k = len(captions), len(captions[0]) if captions else 0
+        where = f"conditioner {self.name!r}: input {REF_CACHED_TOKENS!r}"
+        if seq.dim() != 4 or mask.dim() != 3 or tuple(seq.shape[:2]) != (b, k):
+            raise ValueError(f"{where} must be (seq (B={b}, K={k}, L, D), mask (B, K, L)), got {tuple(seq.shape)} "
+                             f"and {tuple(mask.shape)}")
+        flat = [str(c) for row in captions for c in row]
+        return check_cached_tokens((seq.flatten(0, 1), mask.flatten(0, 1)), flat, self.text_encoder, self.dim,
+                                   device, where)
 
 
 def share_text_encoder(conditioners: Mapping[str, Conditioner], source: str = PROMPT) -> None:

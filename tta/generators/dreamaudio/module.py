@@ -13,7 +13,10 @@ The batch's references (``reference_wav`` ``(B, K, T)``, ``reference_present`` `
 turned into log-mels, augmented in training (content masking ``reference_mask_p`` = 10 %, the
 masked span set to the log floor, i.e. silence; dropping ``reference_drop_p`` = 40 %, latents and
 captions together; `tta.data.customize_augment`), and encoded by the frozen VAE (posterior mean)
-here, in the module: the conditioners only read the resulting inputs. The objective defaults to
+here, in the module: the conditioners only read the resulting inputs. Cached T5 states of the
+reference captions in the batch (the datamodule's ``text_cache``: ``reference_t5_tokens`` /
+``reference_t5_mask``) go to `ReferenceCaptions` instead of running the frozen T5; they are checked
+against its encoder at fit start (`check_cached_conditions`). The objective defaults to
 rectified flow (`RectifiedFlow`); give ``process: {class_path: ddpm}`` for the DDPM variant.
 Every other argument is `LatentDiffusionModule`'s.
 """
@@ -29,9 +32,16 @@ import torch
 from tta.data.customize_augment import MASK_SPAN, drop_references, mask_reference_content
 from tta.generators.conditioning import Conditioner
 from tta.generators.conditioning.base import check_probability
-from tta.generators.dreamaudio.conditioning import LATENT_SIZE, REFERENCES, ReferenceLatents, share_text_encoder
+from tta.generators.dreamaudio.conditioning import (
+    LATENT_SIZE,
+    REF_CACHED_TOKENS,
+    REFERENCES,
+    ReferenceLatents,
+    share_text_encoder,
+)
 from tta.generators.dreamaudio.generator import DreamAudioGenerator
 from tta.generators.ldm.module import LatentDiffusionModule
+from tta.generators.ldm.shard_conditions import REF_T5_MASK_KEY, REF_T5_TOKENS_KEY, cached_tokens
 from tta.generators.noise import NoiseProcess, RectifiedFlow
 from tta.registry import register
 
@@ -123,10 +133,13 @@ class DreamAudioModule(LatentDiffusionModule):
         return gen.reference_inputs(mels, present, batch["reference_captions"])
 
     def condition_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """`LatentDiffusionModule.condition_inputs` plus the references (augmented in training) and
-        the latents' size."""
+        """`LatentDiffusionModule.condition_inputs` plus the references (augmented in training), the
+        reference captions' cached token states when the batch carries them, and the latents' size."""
         inputs = super().condition_inputs(batch)
         inputs.update(self.reference_batch_inputs(batch, self.training, self.step_generator(salt=1)))
+        tokens = cached_tokens(batch, REF_T5_TOKENS_KEY, REF_T5_MASK_KEY)
+        if tokens is not None:
+            inputs[REF_CACHED_TOKENS] = tokens
         inputs[LATENT_SIZE] = self.codec.latent_shape(batch["mel"].shape[-1])[1:]
         return inputs
 

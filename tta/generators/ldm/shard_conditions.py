@@ -20,11 +20,15 @@ tar); the datamodule draws the caption index once and takes both the ``caption``
 caption count is refused. `TextTokenContext` also checks each row's token count against the
 tokenization of the batch's caption.
 
+The same ``t5`` sources fill the caption-keyed cache of the manifest datamodules (``tta data
+text-cache``, `tta.data.text_cache`), whose batches carry the same keys, plus the reference
+captions' states (`REF_T5_TOKENS_KEY`, `REF_T5_MASK_KEY`) for DreamAudio.
+
 **Consumption**: `LatentDiffusionModule` (and DreamAudio, its subclass) reads the FiLM embedding
 from the batch (`cached_film`) and passes the token states to every `TextTokenContext` (input
-``cached_tokens``, `cached_tokens`) instead of running the frozen encoders. At fit start,
-`check_cached_conditions` refuses caches made by other weights (or another text length) than the
-model's, naming the shard index.
+``cached_tokens``, `cached_tokens`) instead of running the frozen encoders; DreamAudio passes the
+reference captions' to `ReferenceCaptions`. At fit start, `check_cached_conditions` refuses caches
+made by other weights (or another text length) than the model's, naming the shard / cache index.
 """
 
 from __future__ import annotations
@@ -39,23 +43,22 @@ import torch
 from torch import nn
 
 from tta.data.shards_write import ArraySource
+from tta.data.text_cache import REF_T5_MASK_KEY, REF_T5_TOKENS_KEY, T5_MASK_KEY, T5_TOKENS_KEY
 from tta.generators.conditioning.text_tokens import TextTokenContext
 from tta.generators.ldm.conditioning import ClapTextFiLM
 from tta.registry import register
 from tta.training.frozen_cache import check_cache_producer
 from tta.utils.errors import UsageError
 
-__all__ = ["CLAP_ARRAYS", "CLAP_AUDIO_KEY", "CLAP_TEXT_KEY", "T5_MASK_KEY", "T5_TOKENS_KEY", "cached_film",
-           "cached_tokens", "check_cached_conditions", "clap_embedding_sources", "load_frozen_clap",
-           "t5_token_sources"]
+__all__ = ["CLAP_ARRAYS", "CLAP_AUDIO_KEY", "CLAP_TEXT_KEY", "REF_T5_MASK_KEY", "REF_T5_TOKENS_KEY", "T5_MASK_KEY",
+           "T5_TOKENS_KEY", "cached_film", "cached_tokens", "check_cached_conditions", "clap_embedding_sources",
+           "load_frozen_clap", "t5_token_sources"]
 
 log = logging.getLogger(__name__)
 
-#: batch keys of the cached arrays
+#: batch keys of the cached arrays (the T5 ones, shared with the text cache, are the data layer's)
 CLAP_TEXT_KEY = "clap_text"
 CLAP_AUDIO_KEY = "clap_audio"
-T5_TOKENS_KEY = "t5_tokens"
-T5_MASK_KEY = "t5_mask"
 #: ``--with`` names of the CLAP arrays -> batch key
 CLAP_ARRAYS = {"clap": CLAP_TEXT_KEY, "clap_audio": CLAP_AUDIO_KEY}
 
@@ -145,20 +148,22 @@ def cached_film(batch: Mapping[str, Any], film_source: str) -> torch.Tensor | No
     return None if value is None else value.float()
 
 
-def cached_tokens(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The batch's cached ``(token states, bool mask)``, or None."""
-    if T5_TOKENS_KEY not in batch:
+def cached_tokens(batch: Mapping[str, Any], key: str = T5_TOKENS_KEY,
+                  mask_key: str = T5_MASK_KEY) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's cached ``(token states, bool mask)`` under ``key`` / ``mask_key`` (default: the
+    prompt's; `REF_T5_TOKENS_KEY` / `REF_T5_MASK_KEY`: the reference captions'), or None."""
+    if key not in batch:
         return None
-    if T5_MASK_KEY not in batch:
-        raise KeyError(f"the batch has cached token states {T5_TOKENS_KEY!r} without their mask {T5_MASK_KEY!r}: "
+    if mask_key not in batch:
+        raise KeyError(f"the batch has cached token states {key!r} without their mask {mask_key!r}: "
                        "use both cached arrays t5 and t5_mask")
-    return batch[T5_TOKENS_KEY].float(), batch[T5_MASK_KEY] > 0.5
+    return batch[key].float(), batch[mask_key] > 0.5
 
 
 def check_cached_conditions(model: nn.Module, film_source: str, datamodule: Any) -> None:
-    """Refuse cached CLAP embeddings / token states of ``datamodule``'s training shards that were
-    made by another CLAP or text encoder than ``model``'s (a `LatentDiffusion`); log the cached
-    arrays the model does not read."""
+    """Refuse cached CLAP embeddings / token states (of the prompt, or of DreamAudio's reference
+    captions) of ``datamodule``'s training shards or text cache that were made by another CLAP or
+    text encoder than ``model``'s (a `LatentDiffusion`); log the cached arrays the model does not read."""
     sources = datamodule.cached_sources() if hasattr(datamodule, "cached_sources") else {}
     text: ClapTextFiLM | None = getattr(model, "text", None)
     used = CLAP_TEXT_KEY if film_source == "text" else CLAP_AUDIO_KEY
@@ -173,14 +178,16 @@ def check_cached_conditions(model: nn.Module, film_source: str, datamodule: Any)
         check_cache_producer(datamodule, key, _clap_identity(text.clap), f"CLAP {film_source} embeddings", "CLAP",
                              f"Reshard with `tta data shard --with {name} --clap` of this model's CLAP, or set the "
                              f"datamodule's use_cached without '{name}'")
-    if T5_TOKENS_KEY not in sources:
-        return
-    readers = {n: c for n, c in model.conditioners.items() if isinstance(c, TextTokenContext)}
-    if not readers:
-        log.warning("the training batches carry cached T5 token states, which this model does not read "
-                    "(no text_token_context conditioner)")
-    for name, conditioner in readers.items():
-        check_cache_producer(datamodule, T5_TOKENS_KEY, _tokens_identity(conditioner.encoder),
-                             f"T5 token states (read by conditioner {name!r})", "text encoder",
-                             "Reshard with `tta data shard --with t5 --t5` of this model's encoder folder and "
-                             "--t5-length its max_length, or set the datamodule's use_cached without 't5', 't5_mask'")
+    fix = ("Rebuild the cache (`tta data shard --with t5`, or `tta data text-cache` for the datamodule's "
+           "text_cache) with --t5 this model's encoder folder and --t5-length its max_length, or train without it "
+           "(the shards datamodule's use_cached without 't5', 't5_mask'; no text_cache)")
+    for key, what in ((T5_TOKENS_KEY, "T5 token states"), (REF_T5_TOKENS_KEY, "reference captions' T5 token states")):
+        if key not in sources:
+            continue
+        readers = {n: c for n, c in model.conditioners.items() if c.cached_tokens_key == key}
+        if not readers:
+            log.warning("the training batches carry cached %s, which this model does not read (no conditioner "
+                        "reads %r)", what, key)
+        for name, conditioner in readers.items():
+            check_cache_producer(datamodule, key, _tokens_identity(conditioner.text_encoder),
+                                 f"{what} (read by conditioner {name!r})", "text encoder", fix)
