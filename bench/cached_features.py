@@ -25,6 +25,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +107,30 @@ def run(shards: Path, model_cfg: dict[str, Any], cached: list[str], steps: int, 
     return statistics.median(timer.times[warmup:]), statistics.median(timer.gaps[warmup:] or [0.0])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=48, help="synthetic 3 s clips (22.05 kHz)")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+def parse_bench_args(description: str, n: int, n_help: str, steps: int, warmup: int, batch: int, repeats: int,
+                     threads: int, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The common options of the cached-features benches (with their defaults), parsed; quiets
+    Lightning / tta logging and sets the torch threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, default=n, help=n_help)
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=threads)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("lightning", "lightning.pytorch", "tta"):
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_bench_args(__doc__.splitlines()[0], n=48, n_help="synthetic 3 s clips (22.05 kHz)", steps=12,
+                            warmup=2, batch=8, repeats=2, threads=1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         manifest = synthesize(root / "synth", n=args.n, seed=0, sample_rate=22050, duration=3.0, heldout=0)

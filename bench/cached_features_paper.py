@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from cached_features import REPO, random_checkpoint, run
+from cached_features import REPO, parse_bench_args, random_checkpoint, run
 
 from tta.data.manifest import read_manifest
 from tta.data.mel import MelConfig
@@ -76,19 +75,11 @@ def re_audioldm_config(vae: Path, clap: Path, ids: list[str], root: Path) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4, help="synthetic clips (16 kHz)")
-    parser.add_argument("--seconds", type=float, default=10.24, help="clip and training segment length")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("lightning", "lightning.pytorch", "tta"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    def seconds(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--seconds", type=float, default=10.24, help="clip and training segment length")
+
+    args = parse_bench_args(__doc__.splitlines()[0], n=4, n_help="synthetic clips (16 kHz)", steps=4, warmup=1,
+                            batch=1, repeats=1, threads=2, extra=seconds)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         manifest = synthesize(root / "synth", n=args.n, seed=0, sample_rate=16000, duration=args.seconds, heldout=0)

@@ -68,3 +68,33 @@ def test_demo_writes_report_audio_and_spectrograms(tmp_path: Path) -> None:
     assert set(stage["step_sweep"]) == {"4", "8", "16", "32"}
     purity = stage["data"]["split_purity"]
     assert set(purity["heldout_classes"]) == set(custom["heldout_classes"]) and purity["heldout_classes"]
+    assert purity["shared_clips"] == 0 and Path(stage["training"]["checkpoint"]).is_file()
+    rows = dict(stage["rows"])
+    assert set(rows) == {"real targets", "VAE-reconstructed targets", "chance", "DreamAudio, with references",
+                         "DreamAudio, references dropped", "Re-AudioLDM (demo)"}
+    assert math.isclose(rows["real targets"]["clap_a"]["mean"], 1.0, abs_tol=1e-6)  # a clip against itself
+    chance = rows.pop("chance")
+    assert chance["clap_a"]["n"] == 3 and chance["accuracy"]["mean"] == stage["judge"]["probe_chance"]
+    assert 0.0 < chance["heldout_accuracy"]["mean"] == stage["judge"]["heldout_chance"] <= 1.0
+    for name, row in rows.items():
+        for key in ("clap_a", "accuracy", "heldout_accuracy", "clap_score"):
+            e = row[key]
+            assert e["n"] == 3 and e["low"] <= e["mean"] <= e["high"], (name, key, e)
+        assert -1.0 - 1e-6 <= row["clap_a"]["mean"] <= 1.0 + 1e-6 and 0.0 <= row["heldout_accuracy"]["mean"] <= 1.0
+    # the references change the generation (the zero projections moved after two steps)
+    diag = stage["diagnostics"]
+    assert diag["zero_projection_abs_max"] > 0 and diag["mel_change_by_references"] > 0
+    assert all(name in stage["table"] for name in rows)
+    from tta.demo_dreamaudio import LISTEN
+
+    wavs = {Path(f).name for f in stage["files"]}
+    assert len(wavs) == LISTEN * 4 and all(Path(f).is_file() for f in stage["files"])  # target + 3 systems per item
+    # the stage's own CLI rescoring that checkpoint (no training), on one item without the Re-AudioLDM row
+    from tta.demo_dreamaudio import main as stage_main
+
+    assert stage_main(["--demo", str(out), "--out", str(tmp_path / "rescored"), "--checkpoint",
+                       stage["training"]["checkpoint"], "--eval-items", "1", "--sample-steps", "1",
+                       "--step-sweep", "1", "--no-re-audioldm", "--threads", "1"]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "dreamaudio" / "report.json").read_text())
+    assert rescored["training"]["seconds"] == 0.0 and rescored["data"]["eval_items"] == 1  # loaded, not trained
+    assert "Re-AudioLDM (demo)" not in rescored["rows"] and set(rescored["step_sweep"]) == {"1"}

@@ -144,26 +144,29 @@ def run_demo(out: Path, steps: int | None = None, n_clips: int = 4, data_dir: Pa
     if ldm_steps != 0:
         from tta.demo_ldm import run_ldm_stage
 
-        report["text_to_audio"] = run_ldm_stage(out, str(vae_ckpt), clap["checkpoint"], clap["index_dir"],
-                                                steps=ldm_steps, data_dir=data_dir, n_prompts=t2a_prompts,
-                                                sample_steps=t2a_sample_steps)
+        report["text_to_audio"], judge = run_ldm_stage(out, str(vae_ckpt), clap["checkpoint"], clap["index_dir"],
+                                                       steps=ldm_steps, data_dir=data_dir, n_prompts=t2a_prompts,
+                                                       sample_steps=t2a_sample_steps)
         if dreamaudio_steps != 0:
-            report["customization"] = _customization_stage(out, report, dreamaudio_steps, t2a_prompts)
+            report["customization"] = _customization_stage(out, report, dreamaudio_steps, t2a_prompts, judge)
     report["total_seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _customization_stage(out: Path, report: dict[str, Any], steps: int | None, eval_items: int | None) -> dict[str, Any]:
-    """The DreamAudio stage on this demo folder (it reads ``report.json``, written first); the
-    summary kept in the demo's report (the whole stage report: ``out/dreamaudio/report.json``)."""
+def _customization_stage(out: Path, report: dict[str, Any], steps: int | None, eval_items: int | None,
+                         judge: Any) -> dict[str, Any]:
+    """The DreamAudio stage on this demo folder (it reads ``report.json``, written first; ``judge``:
+    the text-to-audio stage's, same manifest and CLAP); the summary kept in the demo's report (the
+    whole stage report: ``out/dreamaudio/report.json``)."""
     from tta.demo_dreamaudio import EVAL_ITEMS, TRAIN_ITEMS, run_dreamaudio_stage
 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     # a shortened run (``steps`` given) builds no more training items than its batches can show
     batch = yaml.safe_load(demo_config_path("dreamaudio").read_text())["data"]["init_args"]["batch_size"]
     train_items = TRAIN_ITEMS if steps is None else min(TRAIN_ITEMS, max(1, steps) * int(batch))
-    stage = run_dreamaudio_stage(out, out, steps=steps, train_items=train_items, eval_items=eval_items or EVAL_ITEMS)
+    stage = run_dreamaudio_stage(out, out, steps=steps, train_items=train_items, eval_items=eval_items or EVAL_ITEMS,
+                                 judge=judge)
     return {"report": str(out / "dreamaudio" / "report.json"), "table": stage["table"],
             "eval_items": stage["data"]["eval_items"], "heldout_classes": stage["judge"]["heldout_classes"],
             "training": stage["training"], "seconds": stage["seconds"]}

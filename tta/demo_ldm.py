@@ -126,9 +126,10 @@ def fit_judge(clap: Any, items: list[Any], module: Any, vocoder: Any,
 
 def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, steps: int | None = None,
                   data_dir: Path | None = None, n_prompts: int | None = None,
-                  sample_steps: int | None = None) -> dict[str, Any]:
+                  sample_steps: int | None = None) -> tuple[dict[str, Any], Judge]:
     """Train both demo diffusion models, generate the test prompts (``sample_steps``, default
-    `SAMPLE_STEPS`) and score them."""
+    `SAMPLE_STEPS`) and score them; returns the stage report and the fitted judge (later stages
+    on the same manifest and CLAP reuse its probe)."""
     sample_steps = SAMPLE_STEPS if sample_steps is None else sample_steps
     from tta.demo import demo_config_path
     from tta.encoders.clap_towers import load_clap_network
@@ -172,7 +173,7 @@ def run_ldm_stage(out: Path, vae_ckpt: str, clap_ckpt: str, index_dir: str, step
     results["table"] = format_table(rows, judge.chance)
     results["tail_difference"] = _tail_difference(rows)
     results["seconds"] = round(time.time() - t0, 1)
-    return results
+    return results, judge
 
 
 def _tail_difference(rows: dict[str, Scores]) -> dict[str, Any]:
