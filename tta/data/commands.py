@@ -18,6 +18,7 @@ from tta.data.adapters import ADAPTERS, DEFAULT_TEMPLATE, AdapterResult, build_m
 from tta.data.check import DEFAULT_SILENCE_THRESHOLD, CheckReport, check_manifest
 from tta.data.manifest import write_manifest
 from tta.data.synth import STAMP, ensure_synth
+from tta.data.text_cache import T5_LENGTH
 from tta.utils.errors import UsageError, check_float, check_int
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "checkpoint (its clap_checkpoint) or a LAION CLAP transformers folder")
     p.add_argument("--t5", type=Path, help="for --with t5: the model's local (Flan-)T5 folder (its t5_text path)")
     p.add_argument("--t5-length", type=int,
-                   help="for --with t5: tokens per caption, the model's t5_text max_length (default 50)")
+                   help=f"for --with t5: tokens per caption, the model's t5_text max_length (default {T5_LENGTH})")
     p.add_argument("--pad-short-clips", action="store_true", help="keep clips too short for the mel (zero-padded)")
     p.add_argument("--strict", action="store_true", help="fail (exit 1, nothing written) if any clip is unusable")
     p.add_argument("--force", action="store_true", help="replace the shards already in --out")
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "captions (the audio / reference_audio datamodules' text_cache)")
     p.add_argument("--manifest", type=Path, required=True, help="JSONL manifest")
     p.add_argument("--t5", type=Path, help="the model's local (Flan-)T5 folder (its t5_text path); required")
-    p.add_argument("--t5-length", type=int, default=50,
+    p.add_argument("--t5-length", type=int, default=T5_LENGTH,
                    help="tokens per caption, the model's t5_text max_length (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output folder (index.json, captions.json, t5.npy, "
                                                            "t5_mask.npy)")
@@ -273,7 +274,7 @@ def _model_sources(args: argparse.Namespace, wanted: list[str], mel: MelConfig) 
     if "t5" in wanted:
         if args.t5 is None:
             raise UsageError("--with t5 needs --t5 FOLDER (the model's local T5 / Flan-T5 folder)")
-        length = 50 if args.t5_length is None else check_int("--t5-length", args.t5_length)
+        length = T5_LENGTH if args.t5_length is None else check_int("--t5-length", args.t5_length)
         sources.update(get("t5_tokens", "encoder")(args.t5, length))
     elif args.t5 is not None or args.t5_length is not None:
         raise UsageError("--t5 and --t5-length apply to --with t5 only")

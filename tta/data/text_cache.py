@@ -44,7 +44,7 @@ from tta.utils.errors import TTAError, UsageError
 from tta.utils.files import atomic_path, file_sha256
 
 __all__ = ["CAPTIONS_NAME", "FORMAT", "INDEX_NAME", "MASK_NAME", "REF_T5_MASK_KEY", "REF_T5_TOKENS_KEY",
-           "STATES_NAME", "T5_MASK_KEY", "T5_TOKENS_KEY", "VERSION", "CachedTextCollate", "TextCache",
+           "STATES_NAME", "T5_LENGTH", "T5_MASK_KEY", "T5_TOKENS_KEY", "VERSION", "CachedTextCollate", "TextCache",
            "TextCacheError", "cache_texts", "check_out", "write_text_cache"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ CAPTIONS_NAME = "captions.json"
 STATES_NAME = "t5.npy"
 MASK_NAME = "t5_mask.npy"
 _FILES = (INDEX_NAME, CAPTIONS_NAME, STATES_NAME, MASK_NAME)
+
+#: tokens per caption of the cached T5 states unless given (DreamAudio's fixed prompt length)
+T5_LENGTH = 50
 
 #: batch keys of cached token states (`tta.generators.ldm.shard_conditions` uses the same)
 T5_TOKENS_KEY = "t5_tokens"

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from tta.data.shards_write import ArraySource
-from tta.data.text_cache import REF_T5_MASK_KEY, REF_T5_TOKENS_KEY, T5_MASK_KEY, T5_TOKENS_KEY
+from tta.data.text_cache import REF_T5_MASK_KEY, REF_T5_TOKENS_KEY, T5_LENGTH, T5_MASK_KEY, T5_TOKENS_KEY
 from tta.generators.conditioning.text_tokens import TextTokenContext
 from tta.generators.ldm.conditioning import ClapTextFiLM
 from tta.registry import register
@@ -121,7 +121,7 @@ def clap_embedding_sources(path: str | os.PathLike, arrays: Sequence[str], sampl
 
 
 @register("encoder", "t5_tokens")  # `tta data shard --with t5` finds it by name
-def t5_token_sources(folder: str | os.PathLike, max_length: int = 50) -> dict[str, ArraySource]:
+def t5_token_sources(folder: str | os.PathLike, max_length: int = T5_LENGTH) -> dict[str, ArraySource]:
     """The ``t5`` (token states) and ``t5_mask`` array sources of the local T5 / Flan-T5 folder,
     padded / truncated to ``max_length`` tokens (the consuming ``t5_text`` encoder's)."""
     from tta.encoders.text import T5TextEncoder
@@ -181,6 +181,7 @@ def check_cached_conditions(model: nn.Module, film_source: str, datamodule: Any)
     fix = ("Rebuild the cache (`tta data shard --with t5`, or `tta data text-cache` for the datamodule's "
            "text_cache) with --t5 this model's encoder folder and --t5-length its max_length, or train without it "
            "(the shards datamodule's use_cached without 't5', 't5_mask'; no text_cache)")
+    identities: dict[int, dict[str, Any]] = {}  # DreamAudio's prompt and reference captions share one T5: hash it once
     for key, what in ((T5_TOKENS_KEY, "T5 token states"), (REF_T5_TOKENS_KEY, "reference captions' T5 token states")):
         if key not in sources:
             continue
@@ -189,5 +190,8 @@ def check_cached_conditions(model: nn.Module, film_source: str, datamodule: Any)
             log.warning("the training batches carry cached %s, which this model does not read (no conditioner "
                         "reads %r)", what, key)
         for name, conditioner in readers.items():
-            check_cache_producer(datamodule, key, _tokens_identity(conditioner.text_encoder),
-                                 f"{what} (read by conditioner {name!r})", "text encoder", fix)
+            encoder = conditioner.text_encoder
+            if id(encoder) not in identities:
+                identities[id(encoder)] = _tokens_identity(encoder)
+            check_cache_producer(datamodule, key, identities[id(encoder)], f"{what} (read by conditioner {name!r})",
+                                 "text encoder", fix)
