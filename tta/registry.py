@@ -84,6 +84,8 @@ _BUILTIN_MODULES = (
     "tta.nn.mel_classifier", "tta.encoders.mel_classifier", "tta.metrics.melception",
     "tta.nn.code_prior", "tta.generators.vqgan.prior", "tta.pipelines.vqgan",
     "tta.data.shards_datamodule",
+    "tta.data.shards_extend",
+    "tta.training.shard_cache",
     "tta.generators.vae.shard_latents",
     "tta.generators.ldm.shard_conditions",
 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -20,10 +19,6 @@ from tta.data.manifest import write_manifest
 from tta.data.synth import STAMP, ensure_synth
 from tta.data.text_cache import T5_LENGTH
 from tta.utils.errors import UsageError, check_float, check_int
-
-if TYPE_CHECKING:
-    from tta.data.mel import MelConfig
-    from tta.data.shards_write import ArraySource
 
 log = logging.getLogger("tta.data")
 
@@ -245,57 +240,28 @@ def _cmd_synth(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-SHARD_ARRAYS = ("mel", "latent", "clap", "clap_audio", "t5")
-
-
-def _model_sources(args: argparse.Namespace, wanted: list[str], mel: MelConfig) -> dict[str, ArraySource]:
-    """The array sources of the frozen models ``--with`` asks for (found by name: tta/data imports no model)."""
-    from tta.registry import get
-
-    sources: dict[str, ArraySource] = {}
-    segment = [w for w in wanted if w in ("latent", "clap_audio")]
-    if segment and args.segment_seconds is None:
-        raise UsageError(f"--with {','.join(segment)} needs --segment-seconds (the training segment the "
-                         "datamodule will crop)")
-    if "latent" in wanted:
-        if args.vae is None:
-            raise UsageError("--with latent needs --vae CKPT (a `vae` checkpoint)")
-        sources["latent"] = get("vae_latents", "encoder")(args.vae, mel)
-    elif args.vae is not None:
-        raise UsageError("--vae applies to --with latent only")
-    clap = [w for w in wanted if w in ("clap", "clap_audio")]
-    if clap:
-        if args.clap is None:
-            raise UsageError(f"--with {','.join(clap)} needs --clap CKPT_OR_FOLDER (the model's CLAP: a "
-                             "`clap_trainer` checkpoint or a LAION CLAP folder)")
-        sources.update(get("clap_embeddings", "encoder")(args.clap, clap, mel.sample_rate))
-    elif args.clap is not None:
-        raise UsageError("--clap applies to --with clap / clap_audio only")
-    if "t5" in wanted:
-        if args.t5 is None:
-            raise UsageError("--with t5 needs --t5 FOLDER (the model's local T5 / Flan-T5 folder)")
-        length = T5_LENGTH if args.t5_length is None else check_int("--t5-length", args.t5_length)
-        sources.update(get("t5_tokens", "encoder")(args.t5, length))
-    elif args.t5 is not None or args.t5_length is not None:
-        raise UsageError("--t5 and --t5-length apply to --with t5 only")
-    return sources
 
 
 def _cmd_shard(args: argparse.Namespace, console: Console) -> int:
     from tta.data.mel import PRESETS, MelConfig
+    from tta.data.shards_sources import MODEL_ARRAYS, array_sources
     from tta.data.shards_write import write_shards
 
+    shard_arrays = ("mel", *MODEL_ARRAYS)
     check_int("--shard-size", args.shard_size)
     wanted = [w.strip() for w in args.with_.split(",") if w.strip()]
-    unknown = sorted(set(wanted) - set(SHARD_ARRAYS))
+    unknown = sorted(set(wanted) - set(shard_arrays))
     if unknown:
-        raise UsageError(f"--with: unknown arrays {unknown}; choose from {', '.join(SHARD_ARRAYS)}")
+        raise UsageError(f"--with: unknown arrays {unknown}; choose from {', '.join(shard_arrays)}")
     if args.mel not in PRESETS:
         raise UsageError(f"--mel: unknown preset {args.mel!r}; presets: {', '.join(sorted(PRESETS))}")
     if args.segment_seconds is not None:
         check_float("--segment-seconds", args.segment_seconds, low=0.0, low_open=True)
     mel = MelConfig.preset(args.mel)
-    sources = _model_sources(args, wanted, mel)
+    if args.t5_length is not None:
+        check_int("--t5-length", args.t5_length)
+    sources = array_sources(wanted, mel, segment=args.segment_seconds is not None, vae=args.vae, clap=args.clap,
+                            t5=args.t5, t5_length=args.t5_length)
     segment = None if args.segment_seconds is None else round(args.segment_seconds * mel.sample_rate) // mel.hop_length
     index = write_shards(args.manifest, args.out, shard_size=args.shard_size,
                          split=None if args.split == "all" else args.split, mel=mel, store_mel="mel" in wanted,

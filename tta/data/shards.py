@@ -40,7 +40,7 @@ from tta.utils.errors import TTAError
 
 __all__ = ["AUDIO_EXTENSIONS", "FORMAT", "INDEX_NAME", "VERSION", "ShardError", "ShardIndex", "ShardReader",
            "ShardRecord", "caption_index", "caption_rows", "choose_caption", "crop_segment", "decode_audio",
-           "item_captions", "source_inputs", "whole_clip"]
+           "item_captions", "source_inputs", "split_member_name", "whole_clip"]
 
 FORMAT = "tta-shards"
 VERSION = 1
@@ -163,7 +163,7 @@ class ShardRecord:
         return str(self.item["id"])
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """``(key, suffix)`` of a member name: the key is everything before the basename's first dot."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
@@ -188,7 +188,7 @@ class ShardReader:
         for m in members:
             if not m.isfile():
                 raise ShardError(f"{self.path}: member {m.name!r} is not a regular file")
-            key, suffix = _split_name(m.name)
+            key, suffix = split_member_name(m.name)
             if not self._groups or self._groups[-1][0] != key:
                 self._groups.append((key, {}))
             group = self._groups[-1][1]

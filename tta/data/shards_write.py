@@ -51,7 +51,7 @@ from tta.data.shards import (
 from tta.utils.errors import UsageError
 from tta.utils.files import atomic_path, file_sha256
 
-__all__ = ["ArraySource", "SourceInputs", "shard_name", "write_shards"]
+__all__ = ["ArraySource", "SourceInputs", "apply_sources", "npy_bytes", "prepare_out", "shard_name", "tar_member", "write_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class ArraySource:
     fn: Callable[[Any], torch.Tensor]
     meta: dict[str, Any]
     inputs: SourceInputs = "mel"
+    #: the frozen network ``fn`` runs (None: none); whoever runs ``fn`` on an accelerator moves it
+    #: there (`tta.training.shard_cache`), and ``fn`` computes on its device
+    module: torch.nn.Module | None = None
 
 
 def shard_name(n: int) -> str:
@@ -80,7 +83,7 @@ def shard_name(n: int) -> str:
     return f"shard-{n:06d}.tar"
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Add ``data`` as ``name`` with fixed metadata (byte-identical output for identical input)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -91,7 +94,8 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as float32 ``.npy`` bytes (the cached arrays' member format)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
@@ -122,18 +126,16 @@ def _problem(item: ManifestItem, mel: MelConfig | None, pad_short: bool) -> str 
     return None
 
 
-def _source_rows(sources: dict[str, ArraySource], pending: list[tuple[ManifestItem, Any, Any]],
-                 texts: list[list[str]], mel: MelConfig | None, segment_frames: int | None) -> dict[str, list[np.ndarray]]:
-    """Each source's array of every pending item: segment sources one row per item, text sources
-    the rows of the item's ``texts`` (its `caption_rows`)."""
-    inputs: dict[str, Any] = {"text": [t for rows in texts for t in rows]}
-    if any(s.inputs != "text" for s in sources.values()):
-        cropped = [crop_segment(wav, m, mel, segment_frames, 0, False) for _, wav, m in pending]  # type: ignore[arg-type]
-        inputs["wav"] = torch.stack([c[1] for c in cropped])
-        inputs["mel"] = torch.stack([c[2] for c in cropped])
+def apply_sources(sources: dict[str, ArraySource], inputs: dict[str, Any], text_counts: list[int]) -> dict[str, list[np.ndarray]]:
+    """Each source's array per item: ``inputs`` holds the source inputs (``"mel"`` / ``"wav"``
+    segments of the items, ``"text"`` their caption rows, flat; ``text_counts`` rows per item).
+    A segment source gives an item one row, a text source the rows of its captions."""
     out: dict[str, list[np.ndarray]] = {}
     for name, source in sources.items():
-        x = inputs[source.inputs]
+        x = inputs.get(source.inputs)
+        if x is None:
+            raise ValueError(f"array source {name!r} reads {source.inputs!r}, which these items lack (segment "
+                             "arrays need a training segment)")
         with torch.no_grad():
             values = source.fn(x)
         if values.shape[0] != len(x):
@@ -141,24 +143,36 @@ def _source_rows(sources: dict[str, ArraySource], pending: list[tuple[ManifestIt
             raise ValueError(f"array source {name!r} returned {values.shape[0]} rows for {len(x)} {what}")
         array = values.detach().float().cpu().numpy()
         if source.inputs == "text":
-            out[name] = np.split(array, np.cumsum([len(rows) for rows in texts])[:-1])
+            out[name] = np.split(array, np.cumsum(text_counts)[:-1])
         else:
             out[name] = list(array)
     return out
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _source_rows(sources: dict[str, ArraySource], pending: list[tuple[ManifestItem, Any, Any]],
+                 texts: list[list[str]], mel: MelConfig | None, segment_frames: int | None) -> dict[str, list[np.ndarray]]:
+    """Each source's array of every pending item (`apply_sources` of their segments and ``texts``)."""
+    inputs: dict[str, Any] = {"text": [t for rows in texts for t in rows]}
+    if any(s.inputs != "text" for s in sources.values()):
+        cropped = [crop_segment(wav, m, mel, segment_frames, 0, False) for _, wav, m in pending]  # type: ignore[arg-type]
+        inputs["wav"] = torch.stack([c[1] for c in cropped])
+        inputs["mel"] = torch.stack([c[2] for c in cropped])
+    return apply_sources(sources, inputs, [len(rows) for rows in texts])
+
+
+def prepare_out(out: Path, force: bool, out_option: str = "--out", force_option: str = "--force") -> None:
+    """Make ``out`` ready for shards: created, or empty of shards (with ``force``); other files refused."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"{out_option} {out} exists and is not a folder")
     if not out.exists():
         out.mkdir(parents=True)
         return
     ours = [p for p in out.iterdir() if p.name == INDEX_NAME or (p.name.startswith("shard-") and p.suffix == ".tar")]
     others = [p.name for p in out.iterdir() if p not in ours and not p.name.startswith(".")]
     if others:
-        raise UsageError(f"--out {out} holds other files ({others[:3]}); give an empty or new folder")
+        raise UsageError(f"{out_option} {out} holds other files ({others[:3]}); give an empty or new folder")
     if ours and not force:
-        raise UsageError(f"--out {out} already holds shards; pass --force to replace them")
+        raise UsageError(f"{out_option} {out} already holds shards; pass {force_option} to replace them")
     for p in ours:
         p.unlink()
 
@@ -180,7 +194,7 @@ class _Writer:
             tmp = self._ctx.__enter__()
             self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
         for name, data in members:
-            _member(self._tar, name, data)
+            tar_member(self._tar, name, data)
         self._count += 1
         self.written += 1
         if self._count == self.shard_size:
@@ -237,7 +251,7 @@ def write_shards(
     if clash:
         raise UsageError(f"array name {sorted(clash)} is reserved for the cached log-mel")
     items = select_split(read_manifest(manifest), split, manifest)
-    _prepare_out(out, force)
+    prepare_out(out, force)
     frontend = MelFrontend.from_config(mel) if mel is not None else None
     minimum = mel_min_samples(mel) if mel is not None else 0
     skipped: list[dict[str, str]] = []
@@ -253,8 +267,8 @@ def write_shards(
             members = [(f"{key}.json", json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")),
                        (f"{key}.{Path(item.audio).suffix.lower().lstrip('.')}", Path(item.audio).read_bytes())]
             if store_mel:
-                members.append((f"{key}.mel.npy", _npy(m.numpy())))  # type: ignore[union-attr]
-            members += [(f"{key}.{name}.npy", _npy(rows[name][i])) for name in sorted(rows)]
+                members.append((f"{key}.mel.npy", npy_bytes(m.numpy())))  # type: ignore[union-attr]
+            members += [(f"{key}.{name}.npy", npy_bytes(rows[name][i])) for name in sorted(rows)]
             writer.add(members)
         pending.clear()
 

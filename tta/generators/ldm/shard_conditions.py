@@ -107,14 +107,14 @@ def clap_embedding_sources(path: str | os.PathLike, arrays: Sequence[str], sampl
     meta = {"checkpoint": Path(path).name, **_clap_identity(clap), "joint_dim": film.dim}
     sources = {}
     if "clap" in arrays:
-        sources["clap"] = ArraySource(fn=film.embed, inputs="text",
+        sources["clap"] = ArraySource(fn=film.embed, inputs="text", module=film,
                                       meta={"kind": "clap_text_embedding", "batch_key": CLAP_TEXT_KEY, **meta})
     if "clap_audio" in arrays:
         from tta.encoders.clap.text_only import ClapTextOnly
 
         if isinstance(clap, ClapTextOnly):
             raise UsageError(f"--with clap_audio: the CLAP of {path} is text-only (no audio tower); cache --with clap")
-        sources["clap_audio"] = ArraySource(fn=lambda wav: film.embed_audio(wav, sample_rate), inputs="wav",
+        sources["clap_audio"] = ArraySource(fn=lambda wav: film.embed_audio(wav, sample_rate), inputs="wav", module=film,
                                             meta={"kind": "clap_audio_embedding", "batch_key": CLAP_AUDIO_KEY,
                                                   **meta})
     return sources
@@ -137,7 +137,7 @@ def t5_token_sources(folder: str | os.PathLike, max_length: int = T5_LENGTH) -> 
 
     meta = {"checkpoint": Path(folder).name, **_tokens_identity(encoder), "dim": encoder.dim}
     return {"t5": ArraySource(fn=states, inputs="text", meta={"kind": "t5_token_states", "batch_key": T5_TOKENS_KEY,
-                                                              "requires": ["t5_mask"], **meta}),
+                                                              "requires": ["t5_mask"], **meta}, module=encoder),
             "t5_mask": ArraySource(fn=mask, inputs="text", meta={"kind": "t5_token_mask", "batch_key": T5_MASK_KEY,
                                                                  "requires": ["t5"], **meta})}
 

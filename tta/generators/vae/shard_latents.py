@@ -39,7 +39,7 @@ def vae_latent_source(checkpoint: str | os.PathLike, mel: MelConfig) -> ArraySou
     codec = LatentCodec(vae, module.mel_config, float(module.scale_factor))
     meta = {"kind": "vae_moments", "batch_key": LATENT_KEY, "checkpoint": Path(checkpoint).name,
             "sha256": module_fingerprint(vae), "latent_channels": codec.latent_channels}
-    return ArraySource(fn=codec.moments, meta=meta)
+    return ArraySource(fn=codec.moments, meta=meta, module=codec)
 
 
 def check_cached_latents(autoencoder: nn.Module, datamodule: Any) -> None:
