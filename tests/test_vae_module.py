@@ -213,3 +213,30 @@ def test_validate_test_predict_and_demo_callback(tiny_synth: Path, tmp_path: Pat
     wavs = [f for f in files if f.suffix == ".wav"]
     pngs = [f for f in files if f.suffix == ".png"]
     assert len(wavs) == 4 and len(pngs) == 2 and all(f.stat().st_size > 1000 for f in files)
+
+
+def test_warmup_cosine_schedule_values() -> None:
+    from tta.training.schedule import LinearWarmup, WarmupCosine
+
+    s = WarmupCosine(warmup_steps=4, total_steps=14, final_ratio=0.1)
+    assert [s(i) for i in range(4)] == [LinearWarmup(4)(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == 1.0
+    assert s(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert s(14) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
+    assert all(s(i) >= s(i + 1) for i in range(4, 20))
+    with pytest.raises(ValueError, match="total_steps > warmup_steps"):
+        WarmupCosine(10, 10)
+    with pytest.raises(ValueError, match=r"final_ratio must be in \[0, 1\]"):
+        WarmupCosine(0, 10, 1.5)
+
+
+def test_cosine_lr_decay_ends_at_the_final_ratio(tiny_synth: Path, tmp_path: Path) -> None:
+    module = tiny_vae(lr=1e-3, warmup_steps=2, lr_decay="cosine", final_lr_ratio=0.05)
+    trainer(tmp_path, max_steps=6).fit(module, datamodule=tiny_dm(tiny_synth))
+    (opt,) = module.trainer.optimizers
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05e-3)  # stepped 6 times: at the end of the cosine
+    with pytest.raises(ValueError, match="lr_decay must be 'constant' or 'cosine'"):
+        tiny_vae(lr_decay="linear")
+    unbounded = tiny_vae(lr_decay="cosine")
+    with pytest.raises(ValueError, match="decays over trainer.max_steps"):
+        trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(unbounded, datamodule=tiny_dm(tiny_synth))

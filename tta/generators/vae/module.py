@@ -17,7 +17,7 @@ layer. The latent statistic used by diffusion models (``scale_factor = 1 / std(z
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,11 +34,13 @@ from tta.training.schedule import adamw_with_warmup
 log = logging.getLogger(__name__)
 
 
-def autoencoder_gan_optimizers(module: Any, autoencoder_params: list[nn.Parameter]) -> Any:
+def autoencoder_gan_optimizers(module: Any, autoencoder_params: list[nn.Parameter], total_steps: int | None = None,
+                               final_ratio: float = 0.0) -> Any:
     """``([opt_ae, opt_d], [sched_ae, sched_d])`` (AdamW with warm-up from the module's ``lr``,
-    ``betas``, ``weight_decay``, ``warmup_steps``), or the autoencoder's pair alone when the module
-    has no ``discriminator`` (the VAE's and the VQGAN's optimisers)."""
-    hp = (module.lr, module.betas, module.weight_decay, module.warmup_steps)
+    ``betas``, ``weight_decay``, ``warmup_steps``; with ``total_steps`` then a cosine decay to
+    ``final_ratio``), or the autoencoder's pair alone when the module has no ``discriminator``
+    (the VAE's and the VQGAN's optimisers)."""
+    hp = (module.lr, module.betas, module.weight_decay, module.warmup_steps, total_steps, final_ratio)
     opt_ae, sched_ae = adamw_with_warmup(autoencoder_params, *hp)
     if module.discriminator is None:
         return [opt_ae], [sched_ae]
@@ -81,6 +83,9 @@ class VAEModule(TTAModule):
         mel: mel preset name or `MelConfig` dict (must match the datamodule's).
         kl_weight, disc_weight, disc_start: loss weights and discriminator start (in batches).
         lr, betas, weight_decay, warmup_steps: AdamW and its warm-up, shared by both optimizers.
+        lr_decay: after the warm-up, ``constant`` (AudioLDM) or ``cosine``: down to
+            ``final_lr_ratio * lr`` at ``trainer.max_steps`` (optimizer steps), so that a short run
+            ends on settled weights (the demo VAE; docs/decisions.md).
     """
 
     def __init__(
@@ -95,6 +100,8 @@ class VAEModule(TTAModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_decay: Literal["constant", "cosine"] = "constant",
+        final_lr_ratio: float = 0.0,
         logvar_init: float = 0.0,
         ema_decay: float | None = None,
         grad_clip: float | None = 1.0,
@@ -110,6 +117,9 @@ class VAEModule(TTAModule):
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
+        self.lr_decay, self.final_lr_ratio = lr_decay, float(final_lr_ratio)
         self.register_buffer("scale_factor", torch.ones(()))
         self._latent_stats: list[torch.Tensor] = []
 
@@ -218,7 +228,14 @@ class VAEModule(TTAModule):
         self.log("val/latent_std", std, sync_dist=False)
 
     def configure_optimizers(self) -> Any:
-        return autoencoder_gan_optimizers(self, [*self.autoencoder.parameters(), self.logvar])
+        total = None
+        if self.lr_decay == "cosine":
+            total = self.trainer.max_steps
+            if total is None or total <= self.warmup_steps:
+                raise ValueError(f"lr_decay: cosine decays over trainer.max_steps, which must exceed warmup_steps "
+                                 f"({self.warmup_steps}); got max_steps={total}")
+        return autoencoder_gan_optimizers(self, [*self.autoencoder.parameters(), self.logvar], total,
+                                          self.final_lr_ratio)
 
     def demo_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Mels for the demo callback: input and reconstruction."""
