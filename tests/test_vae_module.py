@@ -230,13 +230,25 @@ def test_warmup_cosine_schedule_values() -> None:
         WarmupCosine(0, 10, 1.5)
 
 
-def test_cosine_lr_decay_ends_at_the_final_ratio(tiny_synth: Path, tmp_path: Path) -> None:
-    module = tiny_vae(lr=1e-3, warmup_steps=2, lr_decay="cosine", final_lr_ratio=0.05)
-    trainer(tmp_path, max_steps=6).fit(module, datamodule=tiny_dm(tiny_synth))
-    (opt,) = module.trainer.optimizers
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05e-3)  # stepped 6 times: at the end of the cosine
+def test_cosine_lr_decay_refuses_bad_settings(tiny_synth: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lr_decay must be 'constant' or 'cosine'"):
         tiny_vae(lr_decay="linear")
     unbounded = tiny_vae(lr_decay="cosine")
     with pytest.raises(ValueError, match="decays over trainer.max_steps"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(unbounded, datamodule=tiny_dm(tiny_synth))
+
+
+def test_extending_a_cosine_run_re_aims_the_decay(tiny_synth: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    module = tiny_vae(lr=1e-3, warmup_steps=2, lr_decay="cosine", final_lr_ratio=0.05)
+    first = trainer(tmp_path, max_steps=4, enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    first.fit(module, datamodule=tiny_dm(tiny_synth))
+    assert first.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05e-3)  # stepped 4 times: the cosine's end
+    extended = tiny_vae(lr=1e-3, warmup_steps=2, lr_decay="cosine", final_lr_ratio=0.05)
+    run = trainer(tmp_path, max_steps=8)
+    with caplog.at_level("WARNING"):
+        run.fit(extended, datamodule=tiny_dm(tiny_synth), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert "decays over 4 steps; trainer.max_steps is 8" in caplog.text
+    assert extended.batches_trained == 8
+    assert run.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 8

@@ -29,7 +29,7 @@ from tta.nn.discriminators import NLayerDiscriminator
 from tta.nn.gan_losses import hinge_d_loss, hinge_g_loss
 from tta.registry import register
 from tta.training.base import TTAModule, select_clips
-from tta.training.schedule import adamw_with_warmup
+from tta.training.schedule import WarmupCosine, adamw_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,20 @@ class VAEModule(TTAModule):
         if not self.trainer.sanity_checking:
             self.scale_factor.fill_(float(1.0 / std))
         self.log("val/latent_std", std, sync_dist=False)
+
+    def on_train_start(self) -> None:
+        """A resumed cosine run keeps its checkpoint's schedule; with another ``max_steps`` (an
+        extended run) the decay is re-aimed at the new end, with a warning."""
+        if self.lr_decay != "cosine":
+            return
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
+            for schedule in sched.lr_lambdas:
+                if isinstance(schedule, WarmupCosine) and schedule.total_steps != self.trainer.max_steps:
+                    log.warning("the checkpoint's cosine learning rate decays over %d steps; trainer.max_steps is %d: "
+                                "decaying to the new end from step %d on", schedule.total_steps,
+                                self.trainer.max_steps, sched.last_epoch)
+                    schedule.total_steps = self.trainer.max_steps
 
     def configure_optimizers(self) -> Any:
         total = None
