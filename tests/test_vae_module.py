@@ -234,8 +234,12 @@ def test_cosine_lr_decay_refuses_bad_settings(tiny_synth: Path, tmp_path: Path) 
     with pytest.raises(ValueError, match="lr_decay must be 'constant' or 'cosine'"):
         tiny_vae(lr_decay="linear")
     unbounded = tiny_vae(lr_decay="cosine")
-    with pytest.raises(ValueError, match="decays over trainer.max_steps"):
+    with pytest.raises(ValueError, match="decays over trainer.max_steps, which must be set"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(unbounded, datamodule=tiny_dm(tiny_synth))
+    smoke = tiny_vae(lr=1e-3, lr_decay="cosine", warmup_steps=20)  # `tta demo --steps 2`: warm-up only
+    run = trainer(tmp_path, max_steps=2)
+    run.fit(smoke, datamodule=tiny_dm(tiny_synth))
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 20)
 
 
 def test_extending_a_cosine_run_re_aims_the_decay(tiny_synth: Path, tmp_path: Path,

@@ -245,9 +245,12 @@ class VAEModule(TTAModule):
         total = None
         if self.lr_decay == "cosine":
             total = self.trainer.max_steps
-            if total is None or total <= self.warmup_steps:
-                raise ValueError(f"lr_decay: cosine decays over trainer.max_steps, which must exceed warmup_steps "
-                                 f"({self.warmup_steps}); got max_steps={total}")
+            if total is None or total < 1:
+                raise ValueError(f"lr_decay: cosine decays over trainer.max_steps, which must be set; got {total}")
+            if total <= self.warmup_steps:  # a smoke run (tta demo --steps 2): nothing left to decay over
+                log.warning("lr_decay: cosine: max_steps=%d is within the %d warm-up steps; no decay", total,
+                            self.warmup_steps)
+                total = None
         return autoencoder_gan_optimizers(self, [*self.autoencoder.parameters(), self.logvar], total,
                                           self.final_lr_ratio)
 
