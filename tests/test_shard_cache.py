@@ -147,3 +147,15 @@ def test_two_gloo_ranks_write_every_shard_once(setup: dict[str, Path], tmp_path:
     assert "rank 0: 2 shards; rank 1: 1 shards" in text, log
     _assert_same_shards(out, setup["direct"])
     assert json.loads((out / "index.json").read_text())["sources"]["latent"]["batch_key"] == "latent_moments"
+
+
+def test_a_rank_without_shards_still_reaches_the_end_hooks(setup: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """More ranks than shards: an idle rank's loader is empty, but its epoch-end hook (the barrier,
+    then the index merge on rank 0) must run, or the other ranks would wait forever."""
+    import tta.data.shards_extend as extend
+
+    monkeypatch.setattr(extend, "rank_shards", lambda n, rank, world: [])
+    assert main(_args(setup, tmp_path / "idle")) == 1  # the merge ran and found no shard written
+    assert "do not match the input's 3 shards" in capsys.readouterr().err

@@ -68,6 +68,9 @@ def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
 class ShardChunks(IterableDataset):
     """Chunks of the ``shards`` of ``index`` (see the module doc); one chunk is one batch.
 
+    It has no ``__len__`` on purpose: Lightning skips the predict loop, hooks included, for a loader
+    of length 0, and a rank with no shard (more ranks than shards) must still reach the final barrier.
+
     A chunk: ``shard`` (its number), ``start`` (position of its first item in the shard),
     ``items`` (the shard's item count), ``keys``, ``ids``, ``text`` (the items' caption rows,
     flat) and ``text_counts`` (rows per item); with ``segment_frames`` also ``mel``
