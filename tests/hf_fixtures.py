@@ -8,6 +8,7 @@ initialised tiny network, and returns the folder: ``config.json`` + ``model.safe
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,6 @@ def wordpiece_tokenizer(vocab_size: int = 200) -> Any:
         normalizers,
         pre_tokenizers,
         processors,
-        trainers,
     )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -51,9 +51,16 @@ def wordpiece_tokenizer(vocab_size: int = 200) -> Any:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    )
+    # `WordPieceTrainer` picks among equally frequent merges in a run-dependent (hash map) order, so
+    # its vocabulary and ids changed from build to build and tests that train on token ids were not
+    # reproducible. The vocabulary is built explicitly instead: every character of `CORPUS` and every
+    # lower-case letter and digit (also as ``##`` continuations), and every whole word of `CORPUS`,
+    # sorted; other words split into characters.
+    words = sorted({w for text in CORPUS
+                    for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))})
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits))
+    vocab = [*specials, *chars, *(f"##{c}" for c in chars), *(w for w in words if w not in chars)][:vocab_size]
+    tok.model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
