@@ -202,11 +202,17 @@ class ShardReader:
     def close(self) -> None:
         self._tar.close()
 
-    def _bytes(self, member: tarfile.TarInfo) -> bytes:
+    def member_bytes(self, member: tarfile.TarInfo) -> bytes:
+        """The data of ``member`` (one of `members`)."""
         fh = self._tar.extractfile(member)
         if fh is None:
             raise ShardError(f"{self.path}: member {member.name!r} has no data")
         return fh.read()
+
+    def members(self, position: int) -> tuple[str, list[tarfile.TarInfo]]:
+        """The key of the item at ``position`` and its members, in file order."""
+        key, group = self._groups[position]
+        return key, list(group.values())
 
     def read(self, position: int) -> ShardRecord:
         """The record at ``position`` (0-based) of this shard."""
@@ -218,7 +224,7 @@ class ShardReader:
         if len(audio) != 1:
             raise ShardError(f"{where}: expected one audio member ({'/'.join(AUDIO_EXTENSIONS)}), found {audio}")
         try:
-            item = json.loads(self._bytes(group["json"]).decode("utf-8"))
+            item = json.loads(self.member_bytes(group["json"]).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"{where}: {key}.json is not valid JSON ({exc})") from exc
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
@@ -228,8 +234,8 @@ class ShardReader:
             member = group.get(f"{name}.npy")
             if member is None:
                 raise ShardError(f"{where}: the index lists cached array {name!r} but {key}.{name}.npy is missing")
-            arrays[name] = np.load(io.BytesIO(self._bytes(member)), allow_pickle=False)
-        return ShardRecord(key=key, item=item, audio=self._bytes(group[audio[0]]), audio_ext=audio[0], arrays=arrays)
+            arrays[name] = np.load(io.BytesIO(self.member_bytes(member)), allow_pickle=False)
+        return ShardRecord(key=key, item=item, audio=self.member_bytes(group[audio[0]]), audio_ext=audio[0], arrays=arrays)
 
 
 def decode_audio(data: bytes, name: str, target_sr: int | None = None) -> torch.Tensor:

@@ -133,26 +133,21 @@ class ShardExtender:
 
     def __init__(self, src: str | os.PathLike, dst: str | os.PathLike, names: list[str]) -> None:
         self.src, self.dst, self.names = Path(src), Path(dst), sorted(names)
-        try:
-            self._in = tarfile.open(self.src, "r:")  # noqa: SIM115 (closed in close / abort)
-            members = self._in.getmembers()
-        except (tarfile.TarError, OSError) as exc:
-            raise ShardError(f"{self.src}: not a readable tar file ({exc})") from exc
-        self._groups: list[tuple[str, list[tarfile.TarInfo]]] = []
-        for m in members:
-            key, suffix = split_member_name(m.name)
-            if not self._groups or self._groups[-1][0] != key:
-                self._groups.append((key, []))
-            if suffix in {f"{n}.npy" for n in self.names}:
-                raise ShardError(f"{self.src}: member {m.name!r} already holds array {suffix[:-4]!r}")
-            self._groups[-1][1].append(m)
+        self._in = ShardReader(self.src)
+        added = {f"{n}.npy" for n in self.names}
+        for position in range(len(self._in)):
+            for m in self._in.members(position)[1]:
+                suffix = split_member_name(m.name)[1]
+                if suffix in added:
+                    self._in.close()
+                    raise ShardError(f"{self.src}: member {m.name!r} already holds array {suffix[:-4]!r}")
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(self.dst))
         self._out = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.next = 0
 
     def __len__(self) -> int:
-        return len(self._groups)
+        return len(self._in)
 
     def add(self, start: int, keys: list[str], arrays: Mapping[str, np.ndarray]) -> None:
         """Append the items ``start, start + 1, ...`` (their ``keys``, checked) with row i of each
@@ -163,27 +158,24 @@ class ShardExtender:
         if sorted(arrays) != self.names:
             raise ValueError(f"arrays {sorted(arrays)} given, {self.names} expected")
         for i, key in enumerate(keys):
-            have, members = self._groups[start + i]
+            have, members = self._in.members(start + i)
             if have != key:
                 raise ShardError(f"{self.src}: item {start + i} is {have!r}, the chunk says {key!r}")
             for m in members:
-                fh = self._in.extractfile(m)
-                if fh is None:
-                    raise ShardError(f"{self.src}: member {m.name!r} is not a regular file")
-                tar_member(self._out, m.name, fh.read())
+                tar_member(self._out, m.name, self._in.member_bytes(m))
             for name in self.names:
                 tar_member(self._out, f"{key}.{name}.npy", npy_bytes(arrays[name][i]))
         self.next = start + len(keys)
 
     def close(self) -> dict[str, Any]:
         """Finish the shard; returns its index entry ``{name, items, sha256}``."""
-        if self.next != len(self._groups):
+        if self.next != len(self._in):
             self.abort()
-            raise ShardError(f"{self.src}: only {self.next} of {len(self._groups)} items were extended")
+            raise ShardError(f"{self.src}: only {self.next} of {len(self._in)} items were extended")
         self._out.close()
         self._in.close()
         self._stack.close()
-        return {"name": self.dst.name, "items": len(self._groups), "sha256": file_sha256(self.dst)}
+        return {"name": self.dst.name, "items": len(self._in), "sha256": file_sha256(self.dst)}
 
     def abort(self) -> None:
         """Drop the partial output."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from tta.data.mel import MelConfig
 from tta.data.shards_extend import ShardExtender, finish_index
-from tta.data.shards_sources import MODEL_ARRAYS, SEGMENT_ARRAYS, array_sources
+from tta.data.shards_sources import MODEL_ARRAYS, array_sources
 from tta.data.shards_write import ArraySource, apply_sources, prepare_out
 from tta.registry import register
 from tta.utils.errors import UsageError
@@ -140,12 +140,8 @@ class ShardCacheExtractor(L.LightningModule):
         clash = sorted(set(self.arrays) & set(self.index.arrays))
         if clash:
             raise UsageError(f"the shards {self.index.root} already hold arrays {clash}")
-        segment = [a for a in self.arrays if a in SEGMENT_ARRAYS]
         # text arrays use no mel front-end; the preset only fills the argument then
         mel = dm.mel_config if dm.mel_config is not None else MelConfig.preset("audioldm")
-        if segment and dm.segment_frames is None:
-            raise UsageError(f"{_OPTION['with']} {','.join(segment)} needs {_OPTION['segment_seconds']} (the "
-                             "training segment the datamodule will crop)")
         self.sources = array_sources(self.arrays, mel, segment=dm.segment_frames is not None,
                                      flag=lambda n: _OPTION.get(n, f"model.init_args.{n}"), **self.paths)
         for name, source in self.sources.items():
